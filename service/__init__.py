@@ -1,0 +1,1 @@
+"""Hot-swappable PEFT adapter serving."""

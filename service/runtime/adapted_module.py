@@ -1,0 +1,99 @@
+"""The wrapper put in place of a base module that at least one loaded adapter changes.
+
+A wrapper keeps the original module as `base_layer` (its only registered child, so parameters and
+buffers stay those of the base model) and, per adapter, either LoRA weights or a whole replacement copy
+(modules_to_save). Adapter tensors live in plain dicts on purpose: they never appear in
+`named_parameters()`, and removing the dict entry is all it takes to free them. When the last adapter
+leaves, the runtime puts `base_layer` back where the wrapper was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MixedBatchError
+from .lora_weights import LoraWeights, apply_embedding, apply_linear
+from .routing import Router, RowAssignment
+
+
+class AdaptedModule(nn.Module):
+    def __init__(self, base_layer: nn.Module, name: str, router: Router) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = name
+        # Not registered as a submodule: the router is shared by every wrapper of the model.
+        object.__setattr__(self, "router", router)
+        self.loras: dict[str, LoraWeights] = {}
+        self.replacements: dict[str, nn.Module] = {}
+
+    @property
+    def adapter_ids(self) -> set[str]:
+        return set(self.loras) | set(self.replacements)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        assignment = self.router.current()
+        if assignment.groups is None:
+            return self._forward_one(assignment.uniform, x, *args, **kwargs)
+        groups = [g for g in assignment.groups if g.adapter_id in self.loras or g.adapter_id in self.replacements]
+        if not groups:
+            return self.base_layer(x, *args, **kwargs)
+        if x.shape[0] != assignment.batch_size:
+            raise MixedBatchError(
+                f"module '{self.module_name}' got input with first dimension {x.shape[0]}, not the batch size "
+                f"{assignment.batch_size}; adapters on it cannot be mixed within one batch"
+            )
+        if any(g.adapter_id in self.replacements for g in groups) or args or kwargs:
+            return self._forward_split(assignment, x, *args, **kwargs)
+        # LoRA-only: run the base once for the whole batch, then add each group's delta to its rows.
+        y = self.base_layer(x)
+        for g in groups:
+            y[g.rows] = self._apply_lora(self.loras[g.adapter_id], x[g.rows], y[g.rows])
+        return y
+
+    def _forward_one(self, adapter_id: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        replacement = self.replacements.get(adapter_id) if adapter_id is not None else None
+        if replacement is not None:
+            return replacement(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        lora = self.loras.get(adapter_id) if adapter_id is not None else None
+        return y if lora is None else self._apply_lora(lora, x, y)
+
+    def _apply_lora(self, lora: LoraWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if lora.kind == "embedding":
+            return apply_embedding(lora, self.base_layer, x, y)
+        return apply_linear(lora, self.base_layer, x, y)
+
+    def _forward_split(self, assignment: RowAssignment, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run every row group on its own (replacement copies are whole modules), then reassemble rows.
+
+        Inner wrapped modules see a uniform assignment for their sub-batch.
+        """
+        batch = x.shape[0]
+        out: torch.Tensor | None = None
+        for g in assignment.groups or ():
+            sub_args = [_rows(a, g.rows, batch) for a in args]
+            sub_kwargs = {k: _rows(v, g.rows, batch) for k, v in kwargs.items()}
+            with self.router.use(RowAssignment(uniform=g.adapter_id)):
+                sub_out = self._forward_one(g.adapter_id, x[g.rows], *sub_args, **sub_kwargs)
+            if not isinstance(sub_out, torch.Tensor):
+                raise MixedBatchError(
+                    f"module '{self.module_name}' returns {type(sub_out).__name__}, not a tensor; "
+                    "its modules_to_save copies cannot be mixed within one batch"
+                )
+            if out is None:
+                out = sub_out.new_empty((batch, *sub_out.shape[1:]))
+            out[g.rows] = sub_out
+        return out
+
+    def extra_repr(self) -> str:
+        return f"name={self.module_name!r}, lora={sorted(self.loras)}, replaced={sorted(self.replacements)}"
+
+
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Select batch rows of tensor arguments; other arguments pass through unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value

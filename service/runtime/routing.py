@@ -1,0 +1,69 @@
+"""Which adapter each row of the batch in flight uses.
+
+One `Router` is shared by every wrapped module of a model. Before a forward pass the runtime pushes a
+`RowAssignment`; wrapped modules read it to pick, per row group, the adapter to apply. Assignments form a
+stack so that a module that runs a sub-batch through an inner module (a modules_to_save copy holding
+LoRA-wrapped children) can narrow the assignment to that sub-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    adapter_id: str | None  # None = base model
+    rows: torch.Tensor  # (n,) int64 row indices into the batch, on the model device
+
+
+@dataclass(frozen=True)
+class RowAssignment:
+    """Either one adapter for the whole batch (`groups` is None) or disjoint row groups."""
+
+    uniform: str | None = None
+    groups: tuple[RowGroup, ...] | None = None
+    batch_size: int | None = None
+
+    @property
+    def adapter_ids(self) -> set[str | None]:
+        if self.groups is None:
+            return {self.uniform}
+        return {g.adapter_id for g in self.groups}
+
+    @staticmethod
+    def for_rows(row_adapters: Sequence[str | None], device: torch.device) -> RowAssignment:
+        """Group rows by adapter, keeping first-seen order; one adapter for all rows stays uniform."""
+        positions: dict[str | None, list[int]] = {}
+        for i, adapter_id in enumerate(row_adapters):
+            positions.setdefault(adapter_id, []).append(i)
+        if len(positions) == 1:
+            return RowAssignment(uniform=next(iter(positions)))
+        groups = tuple(
+            RowGroup(adapter_id, torch.tensor(rows, dtype=torch.long, device=device))
+            for adapter_id, rows in positions.items()
+        )
+        return RowAssignment(groups=groups, batch_size=len(row_adapters))
+
+
+class Router:
+    """Holds the current row assignment; the default is the active adapter for every row."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self._stack: list[RowAssignment] = []
+
+    def current(self) -> RowAssignment:
+        return self._stack[-1] if self._stack else RowAssignment(uniform=self.active)
+
+    @contextmanager
+    def use(self, assignment: RowAssignment) -> Iterator[None]:
+        self._stack.append(assignment)
+        try:
+            yield
+        finally:
+            self._stack.pop()

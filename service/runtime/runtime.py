@@ -1,0 +1,222 @@
+"""The adapter runtime: load, activate, route and delete PEFT-format adapters on one live model.
+
+Not thread-safe by design: exactly one owner (the engine) calls it, between forward passes, so a forward
+never sees a half-loaded adapter. Loading is validate -> build every tensor off to the side -> attach;
+any failure before attach leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapted_module import AdaptedModule
+from .adapter_config import LoraAdapterConfig
+from .errors import AdapterExistsError, AdapterNotFoundError, AdapterValidationError, LoadReport
+from .lora_weights import LoraWeights, init_dora
+from .model_index import ModelIndex
+from .plan import AdapterPlan, plan_adapter
+from .routing import Router, RowAssignment
+from .safetensors_file import SafetensorsFormatError, load_tensors
+
+ADAPTER_DTYPE = torch.float32  # PEFT's autocast_adapter_dtype=True: LoRA tensors compute in fp32
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """Everything one adapter put into the model; deleting this record's entries frees the adapter."""
+
+    adapter_id: str
+    config: LoraAdapterConfig
+    report: LoadReport
+    loras: dict[str, LoraWeights] = field(default_factory=dict)  # module name -> weights
+    replacements: dict[str, nn.Module] = field(default_factory=dict)  # module name -> trained copy
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for w in self.loras.values() for t in w.tensors()]
+        for module in self.replacements.values():
+            out += list(module.parameters()) + list(module.buffers())
+        return out
+
+    @property
+    def resident_bytes(self) -> int:
+        return storage_bytes(self.tensors())
+
+    @property
+    def rank(self) -> int:
+        return max((w.rank for w in self.loras.values()), default=self.config.r)
+
+
+def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared storage counted once)."""
+    seen: dict[tuple[torch.device, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen.setdefault((t.device, storage.data_ptr()), storage.nbytes())
+    return sum(seen.values())
+
+
+class AdapterRuntime:
+    """Serves any mix of loaded adapters on one base model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+        self.index = ModelIndex.from_model(model)
+        self.router = Router()
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self._wrappers: dict[str, AdaptedModule] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def inspect(self, adapter_id: str, adapter_dir: Path) -> LoadReport:
+        """Validate fully (tensors included) without changing anything; raises AdapterValidationError."""
+        plan = plan_adapter(adapter_id, adapter_dir, self.index)
+        self._build(plan)
+        return plan.report
+
+    def load(self, adapter_id: str, adapter_dir: Path) -> LoadedAdapter:
+        if adapter_id in self.adapters:
+            raise AdapterExistsError(adapter_id)
+        plan = plan_adapter(adapter_id, adapter_dir, self.index)
+        loaded = self._build(plan)
+        self._attach(loaded)  # nothing below can fail for a validated plan
+        self.adapters[adapter_id] = loaded
+        return loaded
+
+    def delete(self, adapter_id: str) -> int:
+        """Remove every structure of the adapter; returns the bytes it held."""
+        loaded = self.adapters.pop(adapter_id, None)
+        if loaded is None:
+            raise AdapterNotFoundError(adapter_id)
+        freed = loaded.resident_bytes
+        for name in set(loaded.loras) | set(loaded.replacements):
+            wrapper = self._wrappers[name]
+            wrapper.loras.pop(adapter_id, None)
+            wrapper.replacements.pop(adapter_id, None)
+            if not wrapper.adapter_ids:
+                self._unwrap(name)
+        loaded.loras.clear()
+        loaded.replacements.clear()
+        if self.router.active == adapter_id:
+            self.router.active = None
+        return freed
+
+    # ---- activation and routing --------------------------------------------------------------------
+
+    @property
+    def active(self) -> str | None:
+        return self.router.active
+
+    def activate(self, adapter_id: str | None) -> None:
+        """Default adapter for forwards that name none (None = base model); O(1), no weight copies."""
+        if adapter_id is not None and adapter_id not in self.adapters:
+            raise AdapterNotFoundError(adapter_id)
+        self.router.active = adapter_id
+
+    @contextmanager
+    def route(self, row_adapters: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, batch row i uses adapter row_adapters[i] (None = base model)."""
+        for adapter_id in set(row_adapters):
+            if adapter_id is not None and adapter_id not in self.adapters:
+                raise AdapterNotFoundError(adapter_id)
+        with self.router.use(RowAssignment.for_rows(row_adapters, self._device())):
+            yield
+
+    @contextmanager
+    def use(self, adapter_id: str | None) -> Iterator[None]:
+        """Every row of the forwards in the block uses one adapter (None = base model)."""
+        if adapter_id is not None and adapter_id not in self.adapters:
+            raise AdapterNotFoundError(adapter_id)
+        with self.router.use(RowAssignment(uniform=adapter_id)):
+            yield
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _build(self, plan: AdapterPlan) -> LoadedAdapter:
+        """Read tensors and build every adapter structure without touching the model."""
+        report = plan.report
+        try:
+            tensors = load_tensors(plan.weights_path)
+        except SafetensorsFormatError as exc:
+            report.file_errors.append(str(exc))
+            raise AdapterValidationError(report) from None
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            report.dtype_errors += [f"{k} holds NaN or infinite values" for k in sorted(bad)]
+            raise AdapterValidationError(report)
+        loaded = LoadedAdapter(plan.adapter_id, plan.config, report)
+        for target in plan.lora_targets:
+            base = self.index.modules[target.name]
+            device = base.weight.device
+            fields = {
+                f: tensors[key].to(device=device, dtype=ADAPTER_DTYPE)
+                for f, key in target.keys.items()
+                if f != "base_weight"
+            }
+            base_weight = target.keys.get("base_weight")
+            if base_weight is not None:
+                saved = tensors[base_weight].to(device=device, dtype=base.weight.dtype)
+                if not torch.equal(saved, base.weight):
+                    report.base_mismatches.append(
+                        f"{base_weight} differs from the live model's {target.name}.weight: the adapter was "
+                        "trained on another base (or a modified embedding), which would change every adapter"
+                    )
+                    continue
+            weights = LoraWeights(
+                kind=target.kind, A=fields["A"], B=fields["B"], scaling=target.scaling, rank=target.rank,
+                alpha=target.alpha, bias=fields.get("bias"), magnitude=fields.get("magnitude"),
+            )
+            if weights.magnitude is not None:
+                with torch.no_grad():
+                    init_dora(weights, base)
+                if not torch.isfinite(weights.dora_scale).all():
+                    report.dtype_errors.append(f"{target.name}: DoRA norm is zero or not finite")
+            loaded.loras[target.name] = weights
+        for name, params in plan.replacements.items():
+            copy_module = self._pristine_copy(self.index.modules[name])
+            state = {param: tensors[key] for param, key in params.items()}
+            copy_module.load_state_dict(state, strict=True)  # casts to the copy's dtype and device
+            loaded.replacements[name] = copy_module.eval().requires_grad_(False)
+        if not report.ok:
+            raise AdapterValidationError(report)
+        return loaded
+
+    @staticmethod
+    def _pristine_copy(module: nn.Module) -> nn.Module:
+        """A deep copy of the base module with any of our wrappers inside replaced by their base layers."""
+        clone = copy.deepcopy(module.base_layer if isinstance(module, AdaptedModule) else module)
+        for name, sub in list(clone.named_modules()):
+            if isinstance(sub, AdaptedModule) and name:
+                clone.set_submodule(name, sub.base_layer)
+        return clone
+
+    def _wrapper(self, name: str) -> AdaptedModule:
+        wrapper = self._wrappers.get(name)
+        if wrapper is None:
+            parent, attr = self.index.parents[name]
+            wrapper = AdaptedModule(self.index.modules[name], name, self.router)
+            setattr(parent, attr, wrapper)
+            self._wrappers[name] = wrapper
+        return wrapper
+
+    def _unwrap(self, name: str) -> None:
+        wrapper = self._wrappers.pop(name)
+        parent, attr = self.index.parents[name]
+        setattr(parent, attr, wrapper.base_layer)
+
+    def _attach(self, loaded: LoadedAdapter) -> None:
+        for name, weights in loaded.loras.items():
+            self._wrapper(name).loras[loaded.adapter_id] = weights
+        for name, module in loaded.replacements.items():
+            self._wrapper(name).replacements[loaded.adapter_id] = module
+
+

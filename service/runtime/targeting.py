@@ -1,0 +1,118 @@
+"""Which modules an adapter applies to, and with which rank and alpha.
+
+These rules reproduce PEFT's `check_target_module_exists`, `_maybe_include_all_linear_layers` and
+`get_pattern_key` (see ../shared/PEFT_SPEC.md §1.3-1.4, §1.6) so that a file written by PEFT is read with
+the meaning it was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapter_config import LoraAdapterConfig
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+LORA_MODULE_TYPES = (nn.Linear, Conv1D, nn.Embedding)
+_FIRST_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def all_linear_names(modules: dict[str, nn.Module], output_embedding_name: str | None) -> set[str]:
+    """`all-linear`: every Linear/Conv1D module except the output embedding (lm_head)."""
+    names = {n for n, m in modules.items() if isinstance(m, LINEAR_TYPES)}
+    names.discard(output_embedding_name or "")
+    return names
+
+
+def _excluded(cfg: LoraAdapterConfig, name: str) -> bool:
+    ex = cfg.exclude_modules
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, name):
+                return True
+        elif name in ex or any(name.endswith(f".{e}") for e in ex):
+            return True
+    # A module saved whole (and everything inside it) never gets LoRA: dot-aware regex, as in PEFT.
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg.modules_to_save)
+
+
+def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
+    if not layers_pattern:
+        match = _FIRST_LAYER_INDEX.match(name)
+    else:
+        match = None
+        for pattern in layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_targeted(cfg: LoraAdapterConfig, name: str, all_linear: set[str] | None = None) -> bool:
+    """PEFT's target rule for one module name (relative to the base model)."""
+    if _excluded(cfg, name):
+        return False
+    targets: Iterable[str] | str | None = all_linear if cfg.targets_all_linear else cfg.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:  # an exact name bypasses layers_to_transform, as in PEFT
+        return True
+    if not any(name.endswith(f".{t}") for t in targets):
+        return False
+    if cfg.layers_to_transform:
+        index = _layer_index(name, cfg.layers_pattern)
+        return index is not None and index in cfg.layers_to_transform
+    return True
+
+
+def modules_to_save_names(cfg: LoraAdapterConfig, names: Iterable[str]) -> list[str]:
+    """Modules replaced by a trained copy. PEFT wraps on a *plain* suffix (`name.endswith(m)`, no dot
+    boundary: "norm" also matches "input_layernorm"); the file was written that way, so we read it that way.
+    A module inside another matched module is covered by its parent's copy."""
+    matched = [n for n in names if n and any(n.endswith(m) for m in cfg.modules_to_save)]
+    return [n for n in matched if not any(n.startswith(p + ".") for p in matched if p != n)]
+
+
+def matching_patterns(patterns: dict[str, float], name: str) -> list[str]:
+    """Pattern keys matching `name` on a dot-aligned suffix, in file order."""
+    return [p for p in patterns if re.match(rf"(.*\.)?({p})$", name)]
+
+
+def resolve_rank(cfg: LoraAdapterConfig, name: str, file_rank: int | None) -> tuple[int, str | None]:
+    """Rank of one module, and the pattern key that gave it when it differs from PEFT's choice.
+
+    PEFT takes the first matching pattern in file order; PEFT's save sorts keys alphabetically, so
+    overlapping patterns can resolve differently than during training and the file becomes unloadable
+    (spec §1.4). The tensors record the real rank: when another matching pattern explains the file's
+    shape we use that one instead of failing.
+    """
+    keys = matching_patterns(cfg.rank_pattern, name)
+    if not keys:
+        return cfg.r, None
+    first = keys[0]
+    if file_rank is not None and cfg.rank_pattern[first] != file_rank:
+        for key in keys[1:]:
+            if cfg.rank_pattern[key] == file_rank:
+                return file_rank, key
+    return cfg.rank_pattern[first], None
+
+
+def resolve_alpha(cfg: LoraAdapterConfig, name: str, corrected_key: str | None) -> float:
+    """Alpha of one module: first matching pattern in file order (PEFT's load behaviour). When the rank had
+    to be corrected to another pattern key (see resolve_rank) and that key has an alpha, it wins so that
+    rank and alpha come from the same pattern."""
+    keys = matching_patterns(cfg.alpha_pattern, name)
+    if corrected_key is not None and corrected_key in keys:
+        return cfg.alpha_pattern[corrected_key]
+    return cfg.alpha_pattern[keys[0]] if keys else cfg.lora_alpha
+
+
+def scaling(cfg: LoraAdapterConfig, rank: int, alpha: float) -> float:
+    """LoRA scaling as a Python float, exactly as PEFT computes it."""
+    return alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
