@@ -1,0 +1,60 @@
+"""Service settings: one class, read from `ADAPTER_SERVICE_*` env vars (CLI flags map onto the same fields)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _default_demo_cache() -> Path:
+    return Path.home() / ".cache" / "adapter-service" / "demo-model"
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service; invalid values fail at construction (pydantic validation)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTER_SERVICE_", extra="forbid", validate_default=True)
+
+    # A local directory or hub id of a causal LM; None serves the embedded demo model (no download).
+    model: str | None = None
+    store: Path = Path("adapters_store")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_upload_bytes: int = Field(default=512 * MiB, gt=0)
+    max_batch_size: int = Field(default=16, ge=1)
+    demo_cache: Path = Field(default_factory=_default_demo_cache)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("demo_cache", "store", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def resolve_device(self) -> torch.device:
+        """The torch device to run on; `auto` picks CUDA when available."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but CUDA is not available")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        """The model dtype; `auto` is float32 on CPU and bfloat16 on CUDA (float16 where bf16 is unsupported)."""
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
