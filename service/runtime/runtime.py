@@ -81,12 +81,25 @@ class AdapterRuntime:
         return plan.report
 
     def load(self, adapter_id: str, adapter_dir: Path) -> LoadedAdapter:
+        """Validate, build and attach in one call (see prepare/attach to split the work across threads)."""
+        return self.attach(self.prepare(adapter_id, adapter_dir))
+
+    def prepare(self, adapter_id: str, adapter_dir: Path) -> LoadedAdapter:
+        """Validate and build every tensor without touching the model.
+
+        Only reads the pristine index and base weights, so it may run on another thread while the owner
+        runs forward passes.
+        """
         if adapter_id in self.adapters:
             raise AdapterExistsError(adapter_id)
-        plan = plan_adapter(adapter_id, adapter_dir, self.index)
-        loaded = self._build(plan)
-        self._attach(loaded)  # nothing below can fail for a validated plan
-        self.adapters[adapter_id] = loaded
+        return self._build(plan_adapter(adapter_id, adapter_dir, self.index))
+
+    def attach(self, loaded: LoadedAdapter) -> LoadedAdapter:
+        """Put a prepared adapter into the model; cannot fail half-way for a prepared adapter."""
+        if loaded.adapter_id in self.adapters:
+            raise AdapterExistsError(loaded.adapter_id)
+        self._attach(loaded)
+        self.adapters[loaded.adapter_id] = loaded
         return loaded
 
     def delete(self, adapter_id: str) -> int:

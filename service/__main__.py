@@ -1,0 +1,5 @@
+"""`python -m service`: see service/cli.py."""
+
+from .cli import main
+
+main()

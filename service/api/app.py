@@ -1,0 +1,43 @@
+"""The FastAPI app factory: nothing heavy at import; the lifespan loads the model and restores adapters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ..adapter_manager import AdapterManager
+from ..engine import Engine
+from ..model_loading import load_base_model
+from ..runtime import AdapterRuntime
+from ..settings import Settings
+from ..store import AdapterStore
+from . import routes_adapters, routes_generate, routes_health
+from .deps import ServiceState
+from .errors import install_error_handlers
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        base = load_base_model(settings)
+        engine = Engine(base.model, base.tokenizer, AdapterRuntime(base.model), settings.max_batch_size)
+        adapters = AdapterManager(AdapterStore(settings.store), engine, settings.max_upload_bytes)
+        adapters.restore()
+        engine.start()
+        app.state.service = ServiceState(settings, base, engine, adapters)
+        log.info("service ready: model %s, %d adapter(s)", base.name, len(adapters.records))
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="adapter-service", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (routes_health, routes_adapters, routes_generate):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,77 @@
+"""Adapter endpoints: upload, list, inspect, activate, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from ..adapter_manager import AdapterRecord
+from .deps import State
+from .errors import ApiError
+from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+def adapter_info(record: AdapterRecord, active: str | None) -> AdapterInfo:
+    config = record.loaded.config
+    return AdapterInfo(
+        id=record.id,
+        type=config.peft_type,
+        rank=record.loaded.rank,
+        alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        modules_to_save=config.modules_to_save,
+        resident_bytes=record.loaded.resident_bytes,
+        sha256=record.stored.sha256,
+        active=record.id == active,
+        created_at=record.stored.created_at,
+    )
+
+
+@router.post("", status_code=201, response_model=AdapterInfo)
+async def upload_adapter(
+    request: Request,
+    state: State,
+    files: Annotated[list[UploadFile], File(description="the two adapter files, or one archive")],
+    adapter_id: Annotated[str | None, Form()] = None,
+) -> AdapterInfo:
+    """Upload a PEFT-format adapter; it is validated, loaded and stored atomically."""
+    length = request.headers.get("content-length")
+    limit = state.settings.max_upload_bytes
+    if length is not None and length.isdigit() and int(length) > limit + 1024 * 1024:  # multipart overhead
+        raise ApiError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes", {"max_bytes": limit})
+    record = await state.adapters.upload([(f.filename or "", f.file) for f in files], adapter_id or None)
+    return adapter_info(record, state.adapters.active)
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(state: State) -> AdapterList:
+    """Every adapter and the active one."""
+    active = state.adapters.active
+    return AdapterList(adapters=[adapter_info(r, active) for r in state.adapters.visible()], active=active)
+
+
+@router.get("/{adapter_id}", response_model=AdapterInfo)
+async def get_adapter(adapter_id: str, state: State) -> AdapterInfo:
+    """One adapter's info."""
+    return adapter_info(state.adapters.get(adapter_id), state.adapters.active)
+
+
+@router.put("/{adapter_id}/activate", response_model=ActiveResponse)
+async def activate_adapter(adapter_id: str, state: State) -> ActiveResponse:
+    """Make this adapter the default for requests that name none."""
+    return ActiveResponse(active=await state.adapters.activate(adapter_id))
+
+
+@router.delete("/active", response_model=ActiveResponse)
+async def deactivate(state: State) -> ActiveResponse:
+    """Requests that name no adapter use the base model from now on."""
+    return ActiveResponse(active=await state.adapters.activate(None))
+
+
+@router.delete("/{adapter_id}", response_model=DeleteResponse)
+async def delete_adapter(adapter_id: str, state: State) -> DeleteResponse:
+    """Delete an adapter: new requests get 404 at once; running ones finish first; then all is freed."""
+    return DeleteResponse(deleted=adapter_id, freed_bytes=await state.adapters.delete(adapter_id))

@@ -1,0 +1,70 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    adapter_id: str | None = Field(default=None, description="an adapter id, 'base', or null for the active one")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    token_ids: list[int]
+    adapter_id: str
+    finish_reason: Literal["length", "stop"]
+    usage: Usage
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    type: str
+    rank: int
+    alpha: float
+    target_modules: list[str] | str | None
+    modules_to_save: list[str]
+    resident_bytes: int
+    sha256: str
+    active: bool
+    created_at: str
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+    active: str | None
+
+
+class ActiveResponse(BaseModel):
+    active: str | None
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+    freed_bytes: int
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
+    device: str
+    active_adapter: str | None
+    adapters: int
+    adapter_bytes: int
+    requests_running: int

@@ -1,0 +1,64 @@
+"""Command line: `python -m service serve ...` and `python -m service make-adapter ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .settings import Settings
+
+SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
+               "log_level")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description="PEFT adapter serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server (every flag also settable as ADAPTER_SERVICE_<FLAG>)")
+    serve.add_argument("--model", help="local model directory or hub id (default: embedded demo model)")
+    serve.add_argument("--store", help="adapter store directory (default: adapters_store)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
+    serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    serve.add_argument("--log-level", dest="log_level")
+    make = sub.add_parser("make-adapter", help="write a valid PEFT-format LoRA adapter for the demo model")
+    make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--rank", type=int, default=8)
+    make.add_argument("--modules-to-save", dest="modules_to_save", nargs="*", default=[])
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--model", help="model directory the adapter is for (default: the demo model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        settings = Settings(**{k: v for k in SERVE_FLAGS if (v := getattr(args, k)) is not None})
+        _serve(settings)
+    else:
+        _make_adapter(args)
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from .api.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def _make_adapter(args: argparse.Namespace) -> None:
+    from .demo_model import ensure_demo_model
+    from .make_adapter import write_demo_adapter
+
+    model_dir = Path(args.model) if args.model else ensure_demo_model(Settings().demo_cache)
+    out = write_demo_adapter(args.out, model_dir, rank=args.rank, modules_to_save=list(args.modules_to_save),
+                             seed=args.seed)
+    logging.getLogger(__name__).info("wrote adapter to %s", out)
+    print(out)  # noqa: T201 - the CLI's output is the path
