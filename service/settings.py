@@ -1,4 +1,4 @@
-"""Service settings: one class, read from `ADAPTER_SERVICE_*` env vars (CLI flags map onto the same fields)."""
+"""Service settings in one class, read from `ADAPTER_SERVICE_*` env vars; CLI flags map onto its fields."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        """The model dtype; `auto` is float32 on CPU and bfloat16 on CUDA (float16 where bf16 is unsupported)."""
+        """The model dtype; `auto`: float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported)."""
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
         if device.type == "cuda":

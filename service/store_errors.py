@@ -25,7 +25,8 @@ class InvalidAdapterIdError(StoreError):
     status = 422
 
     def __init__(self, adapter_id: str, reason: str) -> None:
-        super().__init__(f"invalid adapter id {adapter_id!r}: {reason}", {"adapter_id": adapter_id, "reason": reason})
+        details = {"adapter_id": adapter_id, "reason": reason}
+        super().__init__(f"invalid adapter id {adapter_id!r}: {reason}", details)
 
 
 class AdapterNotFoundError(StoreError):

@@ -1,0 +1,347 @@
+"""Persistent on-disk store of PEFT adapters: one directory per adapter id, changed only by atomic renames.
+
+Layout under the root:
+    <id>/adapter_config.json, <id>/adapter_model.safetensors, <id>/manifest.json
+    .staging/   uploads being received (same filesystem, so commit is a single rename)
+    .trash/     adapters being deleted (renamed here first, so a crash never leaves a half-deleted one)
+    active.json {"active": id | null}
+
+An adapter directory therefore either exists complete (manifest included) or not at all. Uploads are
+streamed to disk in chunks under a byte budget; archives are extracted member by member with every path
+checked. Nothing is ever unpickled. The store knows nothing about HTTP or the model: it checks files and
+names, not whether an adapter fits the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from service.store_errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, StoreError
+from service.store_upload import ACCEPTED_NAMES, CONFIG_FILE, WEIGHTS_FILE, file_digest, receive_upload
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+ACTIVE_FILE = "active.json"
+MANIFEST_VERSION = 1
+
+_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Names the HTTP layer uses for itself ("base" model, the "active" adapter), so never adapter ids.
+RESERVED_IDS = frozenset({"base", "active"})
+
+
+def validate_adapter_id(adapter_id: str) -> str:
+    """Return the id if it is a safe directory name for an adapter, else raise InvalidAdapterIdError."""
+    if not isinstance(adapter_id, str) or not _ID_RE.fullmatch(adapter_id):
+        raise InvalidAdapterIdError(str(adapter_id), "must be 1-64 characters from A-Z a-z 0-9 . _ -")
+    if adapter_id.startswith("."):
+        raise InvalidAdapterIdError(adapter_id, "must not start with '.'")
+    if adapter_id.lower() in RESERVED_IDS:
+        raise InvalidAdapterIdError(adapter_id, f"'{adapter_id}' is reserved")
+    return adapter_id
+
+
+def new_adapter_id() -> str:
+    """A fresh random id such as `adapter-3f9c0a1b2d4e`."""
+    return f"adapter-{secrets.token_hex(6)}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class StagedAdapter:
+    """An upload received into `.staging/`, holding exactly the two adapter files; not yet in the store."""
+
+    path: Path
+    sha256: str  # of adapter_model.safetensors
+    size_bytes: int
+    config_sha256: str
+    config_size_bytes: int
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    def discard(self) -> None:
+        """Remove the staged files; idempotent, and a no-op once committed."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class StoredAdapter:
+    """One committed adapter, as described by its manifest."""
+
+    id: str
+    path: Path
+    sha256: str
+    size_bytes: int
+    config_sha256: str
+    config_size_bytes: int
+    created_at: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (the manifest's fields, no paths)."""
+        return {
+            "id": self.id,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "config_sha256": self.config_sha256,
+            "config_size_bytes": self.config_size_bytes,
+            "created_at": self.created_at,
+            "config": self.config,
+        }
+
+
+@dataclass(frozen=True)
+class CorruptEntry:
+    """A directory under the root that is not a usable adapter, and why."""
+
+    id: str
+    reason: str
+
+
+class AdapterStore:
+    """The adapter directory tree under `root`; every change is an atomic rename, guarded by one lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.staging = self.root / ".staging"
+        self.trash = self.root / ".trash"
+        self._lock = threading.Lock()
+        for folder in (self.root, self.staging, self.trash):
+            folder.mkdir(parents=True, exist_ok=True)
+        # Crash recovery: whatever is left in staging or trash belongs to no live operation of this store.
+        for folder in (self.staging, self.trash):
+            for entry in folder.iterdir():
+                logger.info("removing leftover %s", entry)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    # ----- uploads -----
+
+    def stage_files(self, files: Iterable[tuple[str, BinaryIO]], max_bytes: int) -> StagedAdapter:
+        """Receive an upload: the two adapter files by name, or one .zip/.tar.gz/.tgz/.tar holding them.
+
+        At most `max_bytes` are read in total (and, for an archive, extracted). On any error the staging
+        directory is removed and the store is left exactly as it was.
+        """
+        staged = Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging))
+        try:
+            receive_upload(files, staged, max_bytes)
+            size, sha = file_digest(staged / WEIGHTS_FILE)
+            config_size, config_sha = file_digest(staged / CONFIG_FILE)
+            return StagedAdapter(staged, sha, size, config_sha, config_size)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+
+    def commit(self, adapter_id: str, staged: StagedAdapter, config_summary: dict[str, Any]) -> StoredAdapter:
+        """Move a staged upload into the store under `adapter_id` (one atomic rename).
+
+        Raises AdapterExistsError if the id is taken; the staged files are then left for the caller to
+        discard.
+        """
+        validate_adapter_id(adapter_id)
+        target = self.root / adapter_id
+        record = StoredAdapter(
+            id=adapter_id,
+            path=target,
+            sha256=staged.sha256,
+            size_bytes=staged.size_bytes,
+            config_sha256=staged.config_sha256,
+            config_size_bytes=staged.config_size_bytes,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            config=dict(config_summary),
+        )
+        manifest = staged.path / MANIFEST_FILE
+        with self._lock:
+            if target.exists():
+                raise AdapterExistsError(adapter_id)
+            data = {"manifest_version": MANIFEST_VERSION, **record.to_dict()}
+            manifest.write_text(json.dumps(data, indent=2))
+            # Data must be durable before the rename publishes the directory.
+            for name in (*ACCEPTED_NAMES, MANIFEST_FILE):
+                _fsync_path(staged.path / name)
+            try:
+                # Fails on a non-empty target, so a concurrent commit of the same id cannot be overwritten.
+                os.rename(staged.path, target)
+            except OSError as exc:
+                manifest.unlink(missing_ok=True)
+                if target.exists():
+                    raise AdapterExistsError(adapter_id) from exc
+                raise
+            _fsync_path(self.root)
+        logger.info("stored adapter %s (%d bytes)", adapter_id, record.size_bytes)
+        return record
+
+    # ----- lookups and deletion -----
+
+    def exists(self, adapter_id: str) -> bool:
+        try:
+            validate_adapter_id(adapter_id)
+        except InvalidAdapterIdError:
+            return False
+        return (self.root / adapter_id / MANIFEST_FILE).is_file()
+
+    def path(self, adapter_id: str) -> Path:
+        """Directory of a stored adapter (for loading); AdapterNotFoundError if absent."""
+        if not self.exists(adapter_id):
+            raise AdapterNotFoundError(adapter_id)
+        return self.root / adapter_id
+
+    def get(self, adapter_id: str) -> StoredAdapter:
+        """The manifest record of one adapter (no hash check; `scan` does that)."""
+        entry = self._inspect(self.path(adapter_id).name, verify=False)
+        if isinstance(entry, CorruptEntry):
+            raise StoreError(f"adapter '{adapter_id}' is corrupt: {entry.reason}", {"adapter_id": adapter_id})
+        return entry
+
+    def list(self) -> list[StoredAdapter]:
+        """Readable adapters, oldest first (by created_at, then id); corrupt ones are skipped (see `scan`)."""
+        entries = [self._inspect(name, verify=False) for name in self._entry_names()]
+        good = [e for e in entries if isinstance(e, StoredAdapter)]
+        return sorted(good, key=lambda a: (a.created_at, a.id))
+
+    def scan(self) -> tuple[list[StoredAdapter], list[CorruptEntry]]:
+        """Check every entry, hashes included; never raises. Returns (good sorted like `list`, corrupt)."""
+        good: list[StoredAdapter] = []
+        corrupt: list[CorruptEntry] = []
+        for name in self._entry_names():
+            entry = self._inspect(name, verify=True)
+            (good if isinstance(entry, StoredAdapter) else corrupt).append(entry)
+        good.sort(key=lambda a: (a.created_at, a.id))
+        return good, corrupt
+
+    def delete(self, adapter_id: str) -> None:
+        """Remove an adapter (atomic rename into `.trash/`, then delete); unset it if it was active."""
+        validate_adapter_id(adapter_id)
+        source = self.root / adapter_id
+        with self._lock:
+            if not source.is_dir():
+                raise AdapterNotFoundError(adapter_id)
+            doomed = self.trash / f"{adapter_id}-{secrets.token_hex(4)}"
+            try:
+                os.rename(source, doomed)
+            except FileNotFoundError as exc:
+                raise AdapterNotFoundError(adapter_id) from exc
+            _fsync_path(self.root)
+            if self._read_active() == adapter_id:
+                self._write_active(None)
+        shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("deleted adapter %s", adapter_id)
+
+    # ----- active pointer -----
+
+    def get_active(self) -> str | None:
+        """The persisted active adapter id; None if unset, unreadable, or the adapter is gone."""
+        active = self._read_active()
+        if active is not None and not self.exists(active):
+            logger.warning("active adapter %r is not in the store; ignoring it", active)
+            return None
+        return active
+
+    def set_active(self, adapter_id: str | None) -> None:
+        """Persist the active adapter (None for the base model); the adapter must be in the store."""
+        with self._lock:
+            if adapter_id is not None and not self.exists(adapter_id):
+                validate_adapter_id(adapter_id)
+                raise AdapterNotFoundError(adapter_id)
+            self._write_active(adapter_id)
+
+    def _read_active(self) -> str | None:
+        try:
+            value = json.loads((self.root / ACTIVE_FILE).read_text()).get("active")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as exc:
+            logger.warning("unreadable %s: %s", self.root / ACTIVE_FILE, exc)
+            return None
+        return value if isinstance(value, str) else None
+
+    def _write_active(self, adapter_id: str | None) -> None:
+        # Temp file in staging (same filesystem, cleaned on start), then os.replace: readers see old or new.
+        fd, tmp = tempfile.mkstemp(prefix="active-", suffix=".json", dir=self.staging)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"active": adapter_id}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / ACTIVE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_path(self.root)
+
+    # ----- internals -----
+
+    def _entry_names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _inspect(self, name: str, verify: bool) -> StoredAdapter | CorruptEntry:
+        """Read one entry's manifest and check its files (sizes always, sha256 when `verify`)."""
+        path = self.root / name
+        try:
+            validate_adapter_id(name)
+            missing = [f for f in (*ACCEPTED_NAMES, MANIFEST_FILE) if not (path / f).is_file()]
+            if missing:
+                return CorruptEntry(name, f"missing {', '.join(missing)}")
+            data = json.loads((path / MANIFEST_FILE).read_text())
+            record = StoredAdapter(
+                id=data["id"],
+                path=path,
+                sha256=data["sha256"],
+                size_bytes=int(data["size_bytes"]),
+                config_sha256=data["config_sha256"],
+                config_size_bytes=int(data["config_size_bytes"]),
+                created_at=data["created_at"],
+                config=dict(data.get("config") or {}),
+            )
+            if record.id != name:
+                return CorruptEntry(name, f"manifest id '{record.id}' does not match the directory name")
+            for file, size, sha in (
+                (WEIGHTS_FILE, record.size_bytes, record.sha256),
+                (CONFIG_FILE, record.config_size_bytes, record.config_sha256),
+            ):
+                if (path / file).stat().st_size != size:
+                    return CorruptEntry(name, f"{file} size differs from manifest")
+                if verify and file_digest(path / file)[1] != sha:
+                    return CorruptEntry(name, f"{file} sha256 differs from manifest")
+            return record
+        except StoreError as exc:
+            return CorruptEntry(name, exc.message)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return CorruptEntry(name, f"unreadable manifest: {type(exc).__name__}: {exc}")
+
