@@ -15,8 +15,9 @@ READY = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, store: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--store", str(store),
+    def __init__(self, model_dir: Path | None, store: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        model = ["--model", str(model_dir)] if model_dir is not None else []  # None: the embedded demo model
+        cmd = [sys.executable, "-m", "service", "serve", *model, "--store", str(store),
                "--host", "127.0.0.1", "--port", "0", "--device", "cpu", *extra]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
