@@ -21,7 +21,8 @@ ADAPTERS = {
 def _runtime_with_adapters(tmp_path, arch: str = "llama"):
     base = tiny_model(arch)
     dirs = {
-        name: make_peft_adapter(base, tmp_path / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())
+        name: make_peft_adapter(base, tmp_path / name, seed=i + 1, **kw)
+        for i, (name, kw) in enumerate(ADAPTERS.items())
     }
     model = copy.deepcopy(base)
     runtime = AdapterRuntime(model)
