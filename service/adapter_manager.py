@@ -1,21 +1,26 @@
-"""Adapter lifecycle across the store and the engine: upload, restore, activate, delete, and which adapter a
-request uses.
+"""Adapter lifecycle across the store and the engine: upload, restore, activate, delete, which adapter a
+request uses, and which adapters are resident in model memory.
 
 Upload order (a failure at any step leaves nothing behind): stream to staging -> validate and build tensors
 off the engine thread -> attach on the engine thread -> atomic commit into the store (undo the attach if
 the commit fails). Delete order: refuse new requests at once -> wait for requests already admitted ->
 detach on the engine thread -> remove the files.
+
+Residency: at most `max_resident` adapters are loaded; the others stay in the store and are loaded on
+first use, evicting the least recently used adapter that no request is using. All state here is touched
+only from the event loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .api.errors import ApiError
 from .engine import Engine
@@ -27,54 +32,82 @@ log = logging.getLogger(__name__)
 BASE = "base"
 
 
-@dataclass
+@dataclass(eq=False)
 class AdapterRecord:
     stored: StoredAdapter
-    loaded: LoadedAdapter
+    loaded: LoadedAdapter | None = None  # None while not resident
+    last_used: float = 0.0
+    load_ms: float | None = None  # duration of the latest load into model memory
 
     @property
     def id(self) -> str:
-        return self.loaded.adapter_id
+        return self.stored.id
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.loaded.config.summary() if self.loaded else self.stored.config
+
+    @property
+    def rank(self) -> int:
+        return self.loaded.rank if self.loaded else int(self.stored.config.get("rank", self.stored.config.get("r", 0)))
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.loaded.resident_bytes if self.loaded else 0
 
 
 class AdapterManager:
-    def __init__(self, store: AdapterStore, engine: Engine, max_upload_bytes: int) -> None:
+    def __init__(self, store: AdapterStore, engine: Engine, max_upload_bytes: int, max_resident: int = 64) -> None:
         self.store = store
         self.engine = engine
         self.max_upload_bytes = max_upload_bytes
+        self.max_resident = max_resident
         self.records: dict[str, AdapterRecord] = {}
         self.active: str | None = None
         self._reserved: set[str] = set()  # ids with an upload in progress
         self._deleting: set[str] = set()
         self._in_flight: Counter[str] = Counter()
         self._idle: dict[str, asyncio.Event] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
 
     # ---- start-up --------------------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Load every stored adapter again; a corrupt or invalid entry is logged and skipped."""
+        """Register every stored adapter and load the active one plus the most recent up to the resident
+        limit; a corrupt or invalid entry is logged and skipped, never stopping start-up."""
         stored, corrupt = self.store.scan()
         for entry in corrupt:
             log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
-        for item in stored:
-            try:
-                loaded = self.engine.call_sync(lambda rt, item=item: rt.load(item.id, item.path))
-            except Exception as exc:  # a stored adapter that no longer fits must not stop start-up
-                log.error("skipping stored adapter %s: %s", item.id, exc)
-                continue
-            self.records[item.id] = AdapterRecord(item, loaded)
         active = self.store.get_active()
-        if active is not None and active in self.records:
+        order = sorted(stored, key=lambda s: (s.id != active, s.created_at), reverse=False)
+        for item in order:
+            record = AdapterRecord(item)
+            if sum(r.loaded is not None for r in self.records.values()) < self.max_resident:
+                start = time.perf_counter()
+                try:
+                    record.loaded = self.engine.call_sync(lambda rt, item=item: rt.load(item.id, item.path))
+                except Exception as exc:  # a stored adapter that no longer fits must not stop start-up
+                    log.error("skipping stored adapter %s: %s", item.id, exc)
+                    continue
+                record.load_ms = (time.perf_counter() - start) * 1000
+            self.records[item.id] = record
+        if active is not None and active in self.records and self.records[active].loaded is not None:
             self.engine.call_sync(lambda rt: rt.activate(active))
             self.active = active
         elif active is not None:
             log.error("active adapter %s is not available; serving the base model by default", active)
-        log.info("restored %d adapter(s) from %s; active: %s", len(self.records), self.store.root, self.active)
+        log.info("restored %d adapter(s) from %s (%d resident); active: %s", len(self.records), self.store.root,
+                 self.resident_count, self.active)
 
     # ---- queries -----------------------------------------------------------------------------------------
 
+    @property
+    def resident_count(self) -> int:
+        return sum(r.loaded is not None for r in self.records.values())
+
     def visible(self) -> list[AdapterRecord]:
-        return [r for r in self.records.values() if r.id not in self._deleting]
+        records = [r for r in self.records.values() if r.id not in self._deleting]
+        return sorted(records, key=lambda r: (r.stored.created_at, r.id))
 
     def get(self, adapter_id: str) -> AdapterRecord:
         record = self.records.get(adapter_id)
@@ -92,10 +125,11 @@ class AdapterManager:
 
     @asynccontextmanager
     async def serving(self, adapter_id: str | None) -> AsyncIterator[None]:
-        """Marks a request in flight so that a delete waits for it."""
+        """Marks a request in flight so that neither delete nor eviction takes its adapter away."""
         if adapter_id is None:
             yield
             return
+        self.get(adapter_id)
         self._in_flight[adapter_id] += 1
         try:
             yield
@@ -106,6 +140,43 @@ class AdapterManager:
                 event = self._idle.get(adapter_id)
                 if event is not None:
                     event.set()
+
+    # ---- residency -----------------------------------------------------------------------------------------
+
+    async def ensure_resident(self, adapter_id: str | None) -> None:
+        """Load the adapter into model memory if it is not (call inside `serving`)."""
+        if adapter_id is None:
+            return
+        record = self.get(adapter_id)
+        record.last_used = time.monotonic()
+        if record.loaded is not None:
+            return
+        lock = self._load_locks.setdefault(adapter_id, asyncio.Lock())
+        async with lock:
+            if record.loaded is not None:
+                return
+            start = time.perf_counter()
+            prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
+            await self._make_room(keep=adapter_id)
+            record.loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            record.load_ms = (time.perf_counter() - start) * 1000
+            log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
+
+    async def _make_room(self, keep: str) -> None:
+        """Evict least recently used idle adapters until one more fits under the resident limit."""
+        while self.resident_count >= self.max_resident:
+            idle = [
+                r for r in self.records.values()
+                if r.loaded is not None and r.id != keep and not self._in_flight.get(r.id)
+                and r.id not in self._deleting
+            ]
+            if not idle:
+                log.warning("every resident adapter is in use; exceeding max_resident_adapters=%d", self.max_resident)
+                return
+            victim = min(idle, key=lambda r: r.last_used)
+            victim.loaded = None  # from now on a request for it loads it again (after this delete runs)
+            await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
+            log.info("evicted adapter %s (least recently used)", victim.id)
 
     # ---- changes -----------------------------------------------------------------------------------------
 
@@ -118,18 +189,21 @@ class AdapterManager:
         staged = None
         try:
             staged = await asyncio.to_thread(self.store.stage_files, files, self.max_upload_bytes)
-            runtime = self.engine.runtime
-            prepared = await asyncio.to_thread(runtime.prepare, adapter_id, staged.path)
+            start = time.perf_counter()
+            prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
+            await self._make_room(keep=adapter_id)
             loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            load_ms = (time.perf_counter() - start) * 1000
+            summary = {**loaded.config.summary(), "rank": loaded.rank}
             try:
-                stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, loaded.config.summary())
+                stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
             except BaseException:
                 await self.engine.call(lambda rt: rt.delete(adapter_id))
                 raise
             staged = None
-            record = AdapterRecord(stored, loaded)
+            record = AdapterRecord(stored, loaded, time.monotonic(), load_ms)
             self.records[adapter_id] = record
-            log.info("adapter %s loaded (%d bytes resident)", adapter_id, loaded.resident_bytes)
+            log.info("adapter %s loaded (%d bytes resident, %.1f ms)", adapter_id, loaded.resident_bytes, load_ms)
             return record
         finally:
             self._reserved.discard(adapter_id)
@@ -139,13 +213,17 @@ class AdapterManager:
     async def activate(self, adapter_id: str | None) -> str | None:
         if adapter_id is not None:
             self.get(adapter_id)
-        await self.engine.call(lambda rt: rt.activate(adapter_id))
+            async with self.serving(adapter_id):
+                await self.ensure_resident(adapter_id)
+                await self.engine.call(lambda rt: rt.activate(adapter_id))
+        else:
+            await self.engine.call(lambda rt: rt.activate(None))
         await asyncio.to_thread(self.store.set_active, adapter_id)
         self.active = adapter_id
         return adapter_id
 
     async def delete(self, adapter_id: str) -> int:
-        self.get(adapter_id)
+        record = self.get(adapter_id)
         self._deleting.add(adapter_id)  # new requests get 404 from now on
         try:
             if self.active == adapter_id:
@@ -153,7 +231,11 @@ class AdapterManager:
             if self._in_flight.get(adapter_id):
                 event = self._idle.setdefault(adapter_id, asyncio.Event())
                 await event.wait()
-            freed = await self.engine.call(lambda rt: rt.delete(adapter_id))
+            async with self._load_locks.setdefault(adapter_id, asyncio.Lock()):  # no load in progress
+                freed = 0
+                if record.loaded is not None:
+                    record.loaded = None
+                    freed = await self.engine.call(lambda rt: rt.delete(adapter_id))
             await asyncio.to_thread(self.store.delete, adapter_id)
             del self.records[adapter_id]
             log.info("adapter %s deleted (%d bytes freed)", adapter_id, freed)
@@ -161,3 +243,4 @@ class AdapterManager:
         finally:
             self._deleting.discard(adapter_id)
             self._idle.pop(adapter_id, None)
+            self._load_locks.pop(adapter_id, None)

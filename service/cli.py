@@ -9,6 +9,7 @@ from pathlib import Path
 from .settings import Settings
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
+               "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
                "log_level")
 
 
@@ -24,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    serve.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int)
+    serve.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
+    serve.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
+    serve.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
     serve.add_argument("--log-level", dest="log_level")
     make = sub.add_parser("make-adapter", help="write a valid PEFT-format LoRA adapter for the demo model")
     make.add_argument("--out", required=True, type=Path)

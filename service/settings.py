@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_upload_bytes: int = Field(default=512 * MiB, gt=0)
     max_batch_size: int = Field(default=16, ge=1)
+    # Requests waiting for a batch slot beyond this get 429 with Retry-After (backpressure).
+    max_waiting_requests: int = Field(default=256, ge=1)
+    # Prompt tokens prefilled in one engine step: bounds how long running rows stall for newcomers.
+    prefill_token_budget: int = Field(default=2048, ge=1)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    # Adapters loaded in model memory at once; the rest stay in the store and load on first use (LRU).
+    max_resident_adapters: int = Field(default=64, ge=1)
     demo_cache: Path = Field(default_factory=_default_demo_cache)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 

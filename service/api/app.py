@@ -25,8 +25,13 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = load_base_model(settings)
-        engine = Engine(base.model, base.tokenizer, AdapterRuntime(base.model), settings.max_batch_size)
-        adapters = AdapterManager(AdapterStore(settings.store), engine, settings.max_upload_bytes)
+        engine = Engine(
+            base.model, base.tokenizer, AdapterRuntime(base.model), max_batch_size=settings.max_batch_size,
+            max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget,
+        )
+        adapters = AdapterManager(
+            AdapterStore(settings.store), engine, settings.max_upload_bytes, settings.max_resident_adapters
+        )
         adapters.restore()
         engine.start()
         app.state.service = ServiceState(settings, base, engine, adapters)

@@ -26,9 +26,13 @@ _RUNTIME_STATUS = {
 class ApiError(Exception):
     """An error raised by the service layer with its HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details or {}
+        self.headers = headers
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -42,7 +46,7 @@ def _json(status: int, code: str, message: str, details: Any = None, headers=Non
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _json(exc.status, exc.code, exc.message, exc.details)
+        return _json(exc.status, exc.code, exc.message, exc.details, headers=exc.headers)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:

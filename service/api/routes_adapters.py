@@ -15,18 +15,20 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 
 def adapter_info(record: AdapterRecord, active: str | None) -> AdapterInfo:
-    config = record.loaded.config
+    summary = record.summary
     return AdapterInfo(
         id=record.id,
-        type=config.peft_type,
-        rank=record.loaded.rank,
-        alpha=config.lora_alpha,
-        target_modules=config.target_modules,
-        modules_to_save=config.modules_to_save,
-        resident_bytes=record.loaded.resident_bytes,
+        type=summary.get("peft_type", "LORA"),
+        rank=record.rank,
+        alpha=summary.get("lora_alpha", 0),
+        target_modules=summary.get("target_modules"),
+        modules_to_save=summary.get("modules_to_save") or [],
+        resident_bytes=record.resident_bytes,
         sha256=record.stored.sha256,
         active=record.id == active,
         created_at=record.stored.created_at,
+        resident=record.loaded is not None,
+        load_ms=record.load_ms,
     )
 
 

@@ -20,6 +20,8 @@ async def health(state: State) -> HealthResponse:
         device=str(state.base.device),
         active_adapter=state.adapters.active,
         adapters=len(records),
-        adapter_bytes=sum(r.loaded.resident_bytes for r in records),
+        adapter_bytes=sum(r.resident_bytes for r in records),
         requests_running=state.engine.running_requests,
+        requests_waiting=state.engine.waiting_requests,
+        adapters_resident=state.adapters.resident_count,
     )

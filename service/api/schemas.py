@@ -18,6 +18,7 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
+    stream: bool = False
 
 
 class Usage(BaseModel):
@@ -44,6 +45,8 @@ class AdapterInfo(BaseModel):
     sha256: str
     active: bool
     created_at: str
+    resident: bool = Field(description="loaded in model memory (else loaded on first use)")
+    load_ms: float | None = Field(description="duration of the latest load into model memory")
 
 
 class AdapterList(BaseModel):
@@ -68,3 +71,5 @@ class HealthResponse(BaseModel):
     adapters: int
     adapter_bytes: int
     requests_running: int
+    requests_waiting: int
+    adapters_resident: int

@@ -1,6 +1,10 @@
-"""Generation engine: owns the model and runs batches and adapter changes on one worker thread."""
+"""Generation engine: owns the model; continuous batching and adapter changes on one worker thread."""
 
-from .engine import Engine
+from .engine import Engine, QueueFullError, RequestHandle
 from .requests import GenerationRequest, GenerationResult, SamplingParams
+from .sequence import TokenEvent
 
-__all__ = ["Engine", "GenerationRequest", "GenerationResult", "SamplingParams"]
+__all__ = [
+    "Engine", "GenerationRequest", "GenerationResult", "QueueFullError", "RequestHandle", "SamplingParams",
+    "TokenEvent",
+]

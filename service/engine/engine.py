@@ -1,7 +1,8 @@
-"""The single owner of the model: one worker thread runs generation batches and adapter changes.
+"""The single owner of the model: one worker thread runs the continuous batcher and adapter changes.
 
-Callers (the asyncio HTTP layer) submit work and await a future. Adapter attach/detach/activate run on the
-worker between batches, so a forward pass never sees a half-changed model (STYLE rule 2).
+Callers (the asyncio HTTP layer) submit requests and get a `RequestHandle` whose events arrive on their
+event loop. Adapter attach/detach/activate run on the worker between decode steps, so a forward pass never
+sees a half-changed model (STYLE rule 2).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +19,21 @@ from typing import Any
 from torch import nn
 
 from ..runtime import AdapterRuntime
-from .batch_generation import generate_batch
 from .requests import GenerationRequest, GenerationResult
+from .scheduler import ContinuousBatcher
+from .sequence import Sequence, TokenEvent
 
 log = logging.getLogger(__name__)
 
+_STOP = object()
 
-@dataclass
-class _Generate:
-    request: GenerationRequest
-    future: Future
+
+class QueueFullError(Exception):
+    """More requests are waiting than the engine admits; the caller should retry later."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} requests are already waiting")
+        self.waiting = waiting
 
 
 @dataclass
@@ -36,35 +42,98 @@ class _Call:
     future: Future
 
 
-_STOP = object()
+class RequestHandle:
+    """The caller's side of one request: stream events, await the result, or cancel."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._engine = engine
+        self.sequence = Sequence(request, self._emit)
+
+    def _emit(self, event: TokenEvent | GenerationResult | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """Token events, then the final result; raises the engine's error if the batch failed."""
+        while True:
+            event = await self._events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, GenerationResult):
+                return
+
+    async def result(self) -> GenerationResult:
+        async for event in self.events():
+            if isinstance(event, GenerationResult):
+                return event
+        raise RuntimeError("the engine ended the request without a result")
+
+    def cancel(self) -> None:
+        """Stop generating (client gone or timed out); the row leaves the batch at the next step."""
+        self.sequence.cancelled = True
+        self._engine._wake()
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer, runtime: AdapterRuntime, max_batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        runtime: AdapterRuntime,
+        max_batch_size: int = 16,
+        max_waiting: int = 256,
+        prefill_token_budget: int = 2048,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.runtime = runtime
-        self.max_batch_size = max_batch_size
-        self._queue: queue.Queue = queue.Queue()
+        self.max_waiting = max_waiting
+        self.batcher = ContinuousBatcher(model, tokenizer, runtime, max_batch_size, prefill_token_budget)
+        self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.running_requests = 0  # rows in the batch being decoded (read by /health)
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted to the batch
+
+    # ---- caller side (event loop thread) ------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
+        self._inbox.put(_STOP)
         self._thread.join()
 
+    @property
+    def running_requests(self) -> int:
+        return len(self.batcher.running)
+
+    @property
+    def waiting_requests(self) -> int:
+        return self._queued
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises QueueFullError beyond `max_waiting` (backpressure)."""
+        with self._lock:
+            if self._queued >= self.max_waiting:
+                raise QueueFullError(self._queued)
+            self._queued += 1
+        handle = RequestHandle(self, request)
+        self._inbox.put(handle.sequence)
+        return handle
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        future: Future = Future()
-        self._queue.put(_Generate(request, future))
-        return await asyncio.wrap_future(future)
+        handle = self.submit(request)
+        try:
+            return await handle.result()
+        finally:
+            handle.cancel()  # no-op when finished; stops the row if the caller was cancelled
 
     async def call(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
-        """Run fn(runtime) on the engine thread between batches."""
+        """Run fn(runtime) on the engine thread between decode steps."""
         future: Future = Future()
-        self._queue.put(_Call(fn, future))
+        self._inbox.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
     def call_sync(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
@@ -72,37 +141,38 @@ class Engine:
         if not self._thread.is_alive():
             return fn(self.runtime)
         future: Future = Future()
-        self._queue.put(_Call(fn, future))
+        self._inbox.put(_Call(fn, future))
         return future.result()
+
+    def _wake(self) -> None:
+        self._inbox.put(None)
 
     # ---- worker ----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch: list[_Generate] = []
-            deferred: list[Any] = []
-            while True:  # drain what is queued now: calls run at once, generations form one batch
-                if isinstance(item, _Call):
-                    self._execute(item)
-                elif isinstance(item, _Generate):
-                    if item.future.set_running_or_notify_cancel():
-                        batch.append(item)
-                elif item is _STOP:
-                    deferred.append(item)
-                    break
-                if len(batch) >= self.max_batch_size:
-                    break
+            block = self.batcher.idle
+            while True:  # take everything queued; block only when there is nothing to decode
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._inbox.get(block=block)
                 except queue.Empty:
                     break
-            if batch:
-                self._generate(batch)
-            if deferred:
-                return
+                block = False
+                if item is _STOP:
+                    return
+                if isinstance(item, _Call):
+                    self._execute(item)
+                elif isinstance(item, Sequence):
+                    with self._lock:
+                        self._queued -= 1
+                    self.batcher.waiting.append(item)
+            if self.batcher.idle:
+                continue
+            try:
+                self.batcher.step()
+            except Exception as exc:  # a failed step must not kill the engine thread
+                log.exception("decode step failed; failing %d request(s)", len(self.batcher.running))
+                self.batcher.fail_all(exc)
 
     def _execute(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
@@ -111,17 +181,3 @@ class Engine:
             call.future.set_result(call.fn(self.runtime))
         except BaseException as exc:  # handed to the awaiting caller
             call.future.set_exception(exc)
-
-    def _generate(self, batch: list[_Generate]) -> None:
-        self.running_requests = len(batch)
-        try:
-            results = generate_batch(self.model, self.runtime, self.tokenizer, [g.request for g in batch])
-        except BaseException as exc:
-            log.exception("generation batch of %d failed", len(batch))
-            for g in batch:
-                g.future.set_exception(exc)
-        else:
-            for g, result in zip(batch, results, strict=True):
-                g.future.set_result(result)
-        finally:
-            self.running_requests = 0

@@ -90,8 +90,6 @@ class AdapterRuntime:
         Only reads the pristine index and base weights, so it may run on another thread while the owner
         runs forward passes.
         """
-        if adapter_id in self.adapters:
-            raise AdapterExistsError(adapter_id)
         return self._build(plan_adapter(adapter_id, adapter_dir, self.index))
 
     def attach(self, loaded: LoadedAdapter) -> LoadedAdapter:

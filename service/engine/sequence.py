@@ -1,0 +1,65 @@
+"""One request's state while the engine decodes it, and the events it reports to its caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .requests import GenerationRequest, GenerationResult
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # the new text this token completed (may be empty while a character is incomplete)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Decoding state of one request. `emit` is called on the engine thread for every event."""
+
+    request: GenerationRequest
+    emit: Callable[[TokenEvent | GenerationResult | BaseException], None]
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already emitted
+    finish_reason: str | None = None
+    cancelled: bool = False  # set from the caller's thread; the engine drops the row at its next step
+
+    def add_token(self, token: int, eos: set[int], decode: Callable[[list[int]], str]) -> None:
+        """Record one sampled token; emit the text that is now final; decide whether the row is done."""
+        params = self.request.params
+        if token in eos:
+            self.finish_reason = "stop"
+            return
+        self.tokens.append(token)
+        self.text = decode(self.tokens)
+        for stop in params.stop:
+            cut = self.text.find(stop) if stop else -1
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                break
+        else:
+            if len(self.tokens) >= params.max_new_tokens:
+                self.finish_reason = "length"
+        self.emit(TokenEvent(token, self._final_text_delta()))
+
+    def _final_text_delta(self) -> str:
+        """Text that can no longer change: not a partial UTF-8 character, not a possible stop-string prefix."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):
+                end = len(self.text.rstrip("\ufffd"))
+            longest_stop = max((len(s) for s in self.request.params.stop), default=0)
+            end = min(end, len(self.text) - max(longest_stop - 1, 0))
+        if end <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.tokens, self.text, self.finish_reason or "length", len(self.request.prompt_ids))
