@@ -38,7 +38,7 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     prompt_ids = state.base.tokenizer(body.prompt)["input_ids"]
     params = SamplingParams(
         max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        seed=body.seed, stop=tuple(body.stop),
+        seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
     )
     timeout = state.settings.request_timeout_s
     if body.stream:

@@ -19,6 +19,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = False
+    ignore_eos: bool = Field(default=False, description="keep generating past the end-of-sequence token")
 
 
 class Usage(BaseModel):

@@ -111,13 +111,15 @@ class Engine:
 
     @property
     def waiting_requests(self) -> int:
-        return self._queued
+        """Submitted requests not yet in the running batch."""
+        return self._queued + len(self.batcher.waiting)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises QueueFullError beyond `max_waiting` (backpressure)."""
         with self._lock:
-            if self._queued >= self.max_waiting:
-                raise QueueFullError(self._queued)
+            waiting = self._queued + len(self.batcher.waiting)
+            if waiting >= self.max_waiting:
+                raise QueueFullError(waiting)
             self._queued += 1
         handle = RequestHandle(self, request)
         self._inbox.put(handle.sequence)

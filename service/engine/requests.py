@@ -13,6 +13,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks, load tests)
 
     @property
     def greedy(self) -> bool:

@@ -69,6 +69,7 @@ class ContinuousBatcher:
             self._prefill(admitted)
         if self.running:
             self._decode_step()
+        self._drop_finished()  # finished rows leave now, not at the next step
 
     def _take_admissible(self) -> list[Sequence]:
         taken: list[Sequence] = []
@@ -101,15 +102,16 @@ class ContinuousBatcher:
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
             ).logits[:, -1, :]
-        last = self._sample(seqs, logits)
         next_pos = positions[:, -1] + 1
+        last = torch.full_like(next_pos, self.pad_id)
         if self._cache is None:
             self._cache, self._mask, self._next_pos, self._last = cache, mask, next_pos, last
         else:
             self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, mask)
             self._next_pos = torch.cat([self._next_pos, next_pos])
             self._last = torch.cat([self._last, last])
-        self.running.extend(seqs)
+        self.running.extend(seqs)  # counted as running before their first token is reported
+        self._last[-len(seqs):] = self._sample(seqs, logits)
 
     def _decode_step(self) -> None:
         self._drop_finished()

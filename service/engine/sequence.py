@@ -32,7 +32,7 @@ class Sequence:
     def add_token(self, token: int, eos: set[int], decode: Callable[[list[int]], str]) -> None:
         """Record one sampled token; emit the text that is now final; decide whether the row is done."""
         params = self.request.params
-        if token in eos:
+        if token in eos and not params.ignore_eos:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)

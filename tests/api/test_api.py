@@ -178,7 +178,7 @@ def test_delete_while_requests_run(server, adapters, store) -> None:
     assert upload(c, adapters["gamma"], "gamma").status_code == 201
     long_result: dict = {}
     runner = threading.Thread(
-        target=lambda: long_result.update(r=gen(c, PROMPT, "gamma", max_new_tokens=400, stop=[])), daemon=True
+        target=lambda: long_result.update(r=gen(c, PROMPT, "gamma", max_new_tokens=400, ignore_eos=True)), daemon=True
     )
     runner.start()
     while c.get("/health").json()["requests_running"] == 0 and runner.is_alive():

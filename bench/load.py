@@ -1,0 +1,140 @@
+"""Closed-loop load generator: N concurrent clients, each sending a fixed number of requests in turn.
+
+Every request records its latency, its time to first token (TTFT) and its completion-token count. With
+`stream=True` the client asks for server-sent events (`data: {...}` per token, then a final event with
+`finish_reason`) and TTFT is the arrival of the first token event; a server that answers plain JSON
+instead (no streaming support) is handled too, with TTFT = latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+# Fixed prompts, 15 ASCII characters each: 16 tokens with <s> under the byte-level tokenizer.
+PROMPTS = (
+    "The weather in ",
+    "Once upon a tim",
+    "My favourite bo",
+    "To make bread, ",
+    "The capital of ",
+    "In the year 210",
+    "A good program ",
+    "Dear customer, ",
+)
+
+
+class LoadError(RuntimeError):
+    """A request failed (HTTP error status or an error event in the stream)."""
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One completed request."""
+
+    latency_s: float
+    ttft_s: float
+    completion_tokens: int
+    streamed: bool
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """Every request of one scenario and the scenario's wall-clock time."""
+
+    records: list[RequestRecord]
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.completion_tokens for r in self.records) / self.wall_s
+
+    def latency(self, q: float) -> float:
+        return percentile([r.latency_s for r in self.records], q)
+
+    def ttft(self, q: float) -> float:
+        return percentile([r.ttft_s for r in self.records], q)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _raise_for_status(response: httpx.Response, body: bytes) -> None:
+    if response.status_code >= 400:
+        raise LoadError(f"POST /generate -> {response.status_code}: {body[:500].decode(errors='replace')}")
+
+
+async def _read_events(response: httpx.Response, start: float) -> tuple[float, int]:
+    """Consume an SSE stream; returns (TTFT, token events). Raises on an error event or a missing final one."""
+    ttft: float | None = None
+    tokens = 0
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, other SSE fields
+        event = json.loads(line[len("data:"):])
+        if "error" in event:
+            raise LoadError(f"stream error event: {event['error']}")
+        if "finish_reason" in event:
+            return (ttft if ttft is not None else time.perf_counter() - start), tokens
+        if ttft is None:
+            ttft = time.perf_counter() - start
+        tokens += 1
+    raise LoadError("stream ended without a final event")
+
+
+async def send_request(client: httpx.AsyncClient, payload: dict, stream: bool) -> RequestRecord:
+    """One `POST /generate`; streams when asked and when the server answers with an event stream."""
+    body = {**payload, "stream": True} if stream else payload
+    start = time.perf_counter()
+    async with client.stream("POST", "/generate", json=body) as response:
+        if stream and response.status_code == 422:
+            error = await response.aread()
+            if b"stream" in error:  # a server that rejects the unknown field: send a plain request instead
+                return await send_request(client, payload, stream=False)
+            _raise_for_status(response, error)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            ttft, tokens = await _read_events(response, start)
+            return RequestRecord(time.perf_counter() - start, ttft, tokens, streamed=True)
+        raw = await response.aread()
+        _raise_for_status(response, raw)
+    latency = time.perf_counter() - start
+    data = json.loads(raw)
+    usage = data.get("usage") or {}
+    tokens = usage.get("completion_tokens", len(data["token_ids"]))
+    return RequestRecord(latency, latency, tokens, streamed=False)
+
+
+async def _client_loop(client: httpx.AsyncClient, index: int, adapter_of: Callable[[int], str], requests: int,
+                       max_new_tokens: int, stream: bool) -> list[RequestRecord]:
+    records = []
+    for turn in range(requests):
+        payload = {"prompt": PROMPTS[(index + turn) % len(PROMPTS)], "adapter_id": adapter_of(index),
+                   "max_new_tokens": max_new_tokens, "temperature": 0}
+        records.append(await send_request(client, payload, stream))
+    return records
+
+
+async def run_load(base_url: str, adapter_of: Callable[[int], str], clients: int, requests_per_client: int,
+                   max_new_tokens: int, stream: bool, timeout_s: float) -> LoadResult:
+    """Run `clients` closed-loop clients (client i uses adapter `adapter_of(i)`) to completion."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(
+            _client_loop(client, i, adapter_of, requests_per_client, max_new_tokens, stream) for i in range(clients)
+        ))
+        wall = time.perf_counter() - start
+    return LoadResult([r for records in per_client for r in records], wall)
