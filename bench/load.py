@@ -41,6 +41,7 @@ class RequestRecord:
     ttft_s: float
     completion_tokens: int
     streamed: bool
+    token_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,10 @@ def _raise_for_status(response: httpx.Response, body: bytes) -> None:
         raise LoadError(f"POST /generate -> {response.status_code}: {body[:500].decode(errors='replace')}")
 
 
-async def _read_events(response: httpx.Response, start: float) -> tuple[float, int]:
-    """Consume an SSE stream; returns (TTFT, token events). Raises on an error event or a missing final one."""
+async def _read_events(response: httpx.Response, start: float) -> tuple[float, list[int]]:
+    """Consume an SSE stream; returns (TTFT, token ids). Raises on an error event or a missing final one."""
     ttft: float | None = None
-    tokens = 0
+    tokens: list[int] = []
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, comments, other SSE fields
@@ -91,7 +92,7 @@ async def _read_events(response: httpx.Response, start: float) -> tuple[float, i
             return (ttft if ttft is not None else time.perf_counter() - start), tokens
         if ttft is None:
             ttft = time.perf_counter() - start
-        tokens += 1
+        tokens.append(event.get("token_id", -1))
     raise LoadError("stream ended without a final event")
 
 
@@ -107,14 +108,14 @@ async def send_request(client: httpx.AsyncClient, payload: dict, stream: bool) -
             _raise_for_status(response, error)
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             ttft, tokens = await _read_events(response, start)
-            return RequestRecord(time.perf_counter() - start, ttft, tokens, streamed=True)
+            return RequestRecord(time.perf_counter() - start, ttft, len(tokens), True, tuple(tokens))
         raw = await response.aread()
         _raise_for_status(response, raw)
     latency = time.perf_counter() - start
     data = json.loads(raw)
     usage = data.get("usage") or {}
     tokens = usage.get("completion_tokens", len(data["token_ids"]))
-    return RequestRecord(latency, latency, tokens, streamed=False)
+    return RequestRecord(latency, latency, tokens, False, tuple(data.get("token_ids", ())))
 
 
 async def _client_loop(client: httpx.AsyncClient, index: int, adapter_of: Callable[[int], str], requests: int,

@@ -44,7 +44,9 @@ def create_app(model_dir: Path, adapters: dict[str, Path], device: str) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        # The same dtype rule as our server's `--dtype auto`.
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         (first, first_path), *rest = adapters.items()
         model = PeftModel.from_pretrained(base, first_path, adapter_name=first)
         for name, path in rest:

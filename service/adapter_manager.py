@@ -69,6 +69,8 @@ class AdapterManager:
         self._in_flight: Counter[str] = Counter()
         self._idle: dict[str, asyncio.Event] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self._room = asyncio.Condition()  # notified whenever a resident adapter may have become evictable
+        self._slots_reserved = 0  # loads that passed _make_room but have not attached yet
 
     # ---- start-up --------------------------------------------------------------------------------------
 
@@ -140,6 +142,8 @@ class AdapterManager:
                 event = self._idle.get(adapter_id)
                 if event is not None:
                     event.set()
+                async with self._room:
+                    self._room.notify_all()
 
     # ---- residency -----------------------------------------------------------------------------------------
 
@@ -158,25 +162,34 @@ class AdapterManager:
             start = time.perf_counter()
             prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
             await self._make_room(keep=adapter_id)
-            record.loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            try:
+                record.loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            finally:
+                self._slots_reserved -= 1
             record.load_ms = (time.perf_counter() - start) * 1000
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
 
     async def _make_room(self, keep: str) -> None:
-        """Evict least recently used idle adapters until one more fits under the resident limit."""
-        while self.resident_count >= self.max_resident:
-            idle = [
-                r for r in self.records.values()
-                if r.loaded is not None and r.id != keep and not self._in_flight.get(r.id)
-                and r.id not in self._deleting
-            ]
-            if not idle:
-                log.warning("every resident adapter is in use; exceeding max_resident_adapters=%d", self.max_resident)
-                return
-            victim = min(idle, key=lambda r: r.last_used)
-            victim.loaded = None  # from now on a request for it loads it again (after this delete runs)
-            await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
-            log.info("evicted adapter %s (least recently used)", victim.id)
+        """Reserve a resident slot, evicting the least recently used idle adapter when all are taken.
+
+        When every resident adapter is in use, wait until one becomes idle: memory stays bounded by the
+        limit. The caller must release the reservation (`_slots_reserved -= 1`) once attached or failed.
+        """
+        async with self._room:
+            while self.resident_count + self._slots_reserved >= self.max_resident:
+                idle = [
+                    r for r in self.records.values()
+                    if r.loaded is not None and r.id != keep and not self._in_flight.get(r.id)
+                    and r.id not in self._deleting
+                ]
+                if not idle:
+                    await self._room.wait()
+                    continue
+                victim = min(idle, key=lambda r: r.last_used)
+                victim.loaded = None  # from now on a request for it loads it again (after this delete runs)
+                await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
+                log.info("evicted adapter %s (least recently used)", victim.id)
+            self._slots_reserved += 1
 
     # ---- changes -----------------------------------------------------------------------------------------
 
@@ -192,7 +205,10 @@ class AdapterManager:
             start = time.perf_counter()
             prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
             await self._make_room(keep=adapter_id)
-            loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            try:
+                loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            finally:
+                self._slots_reserved -= 1
             load_ms = (time.perf_counter() - start) * 1000
             summary = {**loaded.config.summary(), "rank": loaded.rank}
             try:
