@@ -17,6 +17,7 @@ from torch import nn
 from .errors import MixedBatchError
 from .lora_weights import LoraWeights, apply_embedding, apply_linear
 from .routing import Router, RowAssignment
+from .stacked_lora import StackedLora
 
 
 class AdaptedModule(nn.Module):
@@ -28,6 +29,12 @@ class AdaptedModule(nn.Module):
         object.__setattr__(self, "router", router)
         self.loras: dict[str, LoraWeights] = {}
         self.replacements: dict[str, nn.Module] = {}
+        self._stack: StackedLora | None = None  # the latest batch's adapters, stacked (see stacked_lora.py)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.loras.pop(adapter_id, None)
+        self.replacements.pop(adapter_id, None)
+        self._stack = None  # it may hold a copy of the adapter's weights
 
     @property
     def adapter_ids(self) -> set[str]:
@@ -47,11 +54,32 @@ class AdaptedModule(nn.Module):
             )
         if any(g.adapter_id in self.replacements for g in groups) or args or kwargs:
             return self._forward_split(assignment, x, *args, **kwargs)
-        # LoRA-only: run the base once for the whole batch, then add each group's delta to its rows.
+        # LoRA-only: run the base once for the whole batch, then add each row's delta.
         y = self.base_layer(x)
+        stacked = self._stacked(assignment, groups)
+        if stacked is not None:
+            stack, slots = stacked
+            return stack.apply(x, y, slots)
         for g in groups:
             y[g.rows] = self._apply_lora(self.loras[g.adapter_id], x[g.rows], y[g.rows])
         return y
+
+    def _stacked(self, assignment: RowAssignment, groups: list) -> tuple[StackedLora, torch.Tensor] | None:
+        """The stacked weights for this batch's adapters and each row's slot, or None for the grouped path."""
+        ids = tuple(g.adapter_id for g in groups)
+        loras = [self.loras[i] for i in ids]
+        if len(ids) < 2 or not StackedLora.eligible(loras):
+            return None
+        if self._stack is None or self._stack.adapter_ids != ids:
+            self._stack = StackedLora.build(ids, loras)
+        # Row -> slot map, shared by every module with the same adapters in this forward.
+        slots = assignment.memo.get(ids)
+        if slots is None:
+            slots = torch.full((assignment.batch_size,), len(ids), dtype=torch.long, device=groups[0].rows.device)
+            for k, g in enumerate(groups):
+                slots[g.rows] = k
+            assignment.memo[ids] = slots
+        return self._stack, slots
 
     def _forward_one(self, adapter_id: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         replacement = self.replacements.get(adapter_id) if adapter_id is not None else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class RowAssignment:
     uniform: str | None = None
     groups: tuple[RowGroup, ...] | None = None
     batch_size: int | None = None
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # per-forward values modules share
 
     @property
     def adapter_ids(self) -> set[str | None]:

@@ -71,6 +71,7 @@ class AdapterRuntime:
         self.router = Router()
         self.adapters: dict[str, LoadedAdapter] = {}
         self._wrappers: dict[str, AdaptedModule] = {}
+        self._last_assignment: tuple[tuple[str | None, ...], RowAssignment] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -108,8 +109,7 @@ class AdapterRuntime:
         freed = loaded.resident_bytes
         for name in set(loaded.loras) | set(loaded.replacements):
             wrapper = self._wrappers[name]
-            wrapper.loras.pop(adapter_id, None)
-            wrapper.replacements.pop(adapter_id, None)
+            wrapper.remove_adapter(adapter_id)
             if not wrapper.adapter_ids:
                 self._unwrap(name)
         loaded.loras.clear()
@@ -136,7 +136,11 @@ class AdapterRuntime:
         for adapter_id in set(row_adapters):
             if adapter_id is not None and adapter_id not in self.adapters:
                 raise AdapterNotFoundError(adapter_id)
-        with self.router.use(RowAssignment.for_rows(row_adapters, self._device())):
+        key = tuple(row_adapters)
+        if self._last_assignment is None or self._last_assignment[0] != key:
+            # Decode steps repeat the same rows; reusing the assignment keeps its per-forward memo too.
+            self._last_assignment = (key, RowAssignment.for_rows(row_adapters, self._device()))
+        with self.router.use(self._last_assignment[1]):
             yield
 
     @contextmanager

@@ -95,3 +95,36 @@ def test_generate_in_mixed_batch(tmp_path) -> None:
         n = alone.shape[1]  # a row that hit EOS alone is padded in the batch
         assert torch.equal(mixed[[i], :n], alone)
         assert (mixed[i, n:] == 0).all()
+
+
+def test_stacked_path_with_different_ranks_and_bias(tmp_path) -> None:
+    """Plain-LoRA rows of several adapters go through the gathered (stacked) matmul path."""
+    import gc
+    import weakref
+
+    base = tiny_model("llama")
+    configs = {
+        "r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "r8": dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True),
+        "bias": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"], lora_bias=True),
+    }
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 7, **kw) for i, (n, kw) in enumerate(configs.items())}
+    model = copy.deepcopy(base)
+    runtime = AdapterRuntime(model)
+    for name, path in dirs.items():
+        runtime.load(name, path)
+    rows = ["r8", "bias", None, "r2", "r8", "bias"]
+    ids = input_ids(batch=len(rows), length=5)
+    for _ in range(2):  # the second forward reuses the stacked weights and row layout
+        with torch.no_grad(), runtime.route(rows):
+            mixed = model(input_ids=ids).logits
+    wrapper = runtime._wrappers["model.layers.0.self_attn.v_proj"]
+    assert wrapper._stack is not None and wrapper._stack.adapter_ids == ("r8", "bias", "r2")
+    for adapter in set(rows):
+        idx = [i for i, r in enumerate(rows) if r == adapter]
+        expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+        torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
+    stacked = weakref.ref(wrapper._stack.A)
+    runtime.delete("r8")
+    gc.collect()
+    assert stacked() is None, "deleting an adapter drops stacked copies of its weights"
