@@ -19,10 +19,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-# PEFT prefixes every saved key with the PeftModel -> LoraModel -> base model path.
-KEY_PREFIX = "base_model.model."
+from .peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
+
 # B's std; A is scaled by 1/sqrt(in_features), so the LoRA delta is a few percent of the activations at any
 # model width: visible in the logits, far from overflow.
 B_STD = 0.05
@@ -63,8 +61,8 @@ def _lora_tensors(
             raise ValueError(f"target module '{name}' is a {kind}; only Linear and Conv1D are supported")
         a = torch.randn(rank, in_features, generator=gen) / in_features**0.5
         b = torch.randn(out_features, rank, generator=gen) * B_STD
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
+        tensors[f"{FILE_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{FILE_PREFIX}{name}.lora_B.weight"] = b
     if not tensors:
         raise ValueError(f"no module of the model matches target_modules {list(targets)}")
     return tensors, conv1d
@@ -84,7 +82,7 @@ def _modules_to_save_tensors(
                 noise = torch.randn(tensor.shape, generator=gen) * MODULES_TO_SAVE_NOISE_STD
                 # .clone(): tied weights share storage, and safetensors refuses shared tensors.
                 perturbed = (tensor.float() + noise).to(tensor.dtype).clone()
-                tensors[f"{KEY_PREFIX}{name}.{param_name}"] = perturbed
+                tensors[f"{FILE_PREFIX}{name}.{param_name}"] = perturbed
     return tensors
 
 

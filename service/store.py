@@ -28,8 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from service.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from service.store_errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, StoreError
-from service.store_upload import ACCEPTED_NAMES, CONFIG_FILE, WEIGHTS_FILE, file_digest, receive_upload
+from service.store_upload import ACCEPTED_NAMES, file_digest, receive_upload
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def _fsync_path(path: Path) -> None:
 
 
 @dataclass
-class StagedAdapter:
-    """An upload received into `.staging/`, holding exactly the two adapter files; not yet in the store."""
+class AdapterFiles:
+    """The two adapter files in one directory, with their digests."""
 
     path: Path
     sha256: str  # of adapter_model.safetensors
@@ -84,31 +85,23 @@ class StagedAdapter:
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_FILE
 
+
+@dataclass
+class StagedAdapter(AdapterFiles):
+    """An upload received into `.staging/`, holding exactly the two adapter files; not yet in the store."""
+
     def discard(self) -> None:
         """Remove the staged files; idempotent, and a no-op once committed."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-@dataclass
-class StoredAdapter:
+@dataclass(kw_only=True)
+class StoredAdapter(AdapterFiles):
     """One committed adapter, as described by its manifest."""
 
     id: str
-    path: Path
-    sha256: str
-    size_bytes: int
-    config_sha256: str
-    config_size_bytes: int
     created_at: str
     config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def weights_path(self) -> Path:
-        return self.path / WEIGHTS_FILE
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (the manifest's fields, no paths)."""

@@ -21,8 +21,8 @@ from typing import BinaryIO
 
 from service.store_errors import InvalidUploadError, UploadTooLargeError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE
+
 ACCEPTED_NAMES = (CONFIG_FILE, WEIGHTS_FILE)
 IGNORED_NAMES = ("README.md",)
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")

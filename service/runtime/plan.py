@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
 from .adapter_config import LoraAdapterConfig, parse_adapter_config
 from .errors import AdapterValidationError, LoadReport, ShapeMismatch
 from .model_index import ModelIndex
@@ -26,10 +27,6 @@ from .targeting import (
     resolve_rank,
     scaling,
 )
-
-FILE_PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @dataclass
