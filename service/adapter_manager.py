@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from .api.errors import ApiError
 from .engine import Engine
+from .merging import MergeError, MergeSpec, merge
+from .merging.adapter_files import write_peft_adapter
 from .runtime import AdapterNotFoundError, LoadedAdapter
-from .store import AdapterStore, StoredAdapter, new_adapter_id, validate_adapter_id
+from .store import AdapterStore, StagedAdapter, StoredAdapter, new_adapter_id, validate_adapter_id
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +197,53 @@ class AdapterManager:
 
     # ---- changes -----------------------------------------------------------------------------------------
 
-    async def upload(self, files: Iterable[tuple[str, BinaryIO]], adapter_id: str | None) -> AdapterRecord:
+    def _reserve(self, adapter_id: str | None) -> str:
+        """Claim an id for an adapter being created (uploads and merges); 409 if it is taken."""
         adapter_id = adapter_id or new_adapter_id()
         validate_adapter_id(adapter_id)
         if adapter_id in self.records or adapter_id in self._reserved:
             raise ApiError(409, "adapter_exists", f"adapter '{adapter_id}' already exists", {"adapter_id": adapter_id})
         self._reserved.add(adapter_id)
+        return adapter_id
+
+    async def upload(self, files: Iterable[tuple[str, BinaryIO]], adapter_id: str | None) -> AdapterRecord:
+        adapter_id = self._reserve(adapter_id)
+        try:
+            return await self._create(adapter_id, lambda: self.store.stage_files(files, self.max_upload_bytes))
+        finally:
+            self._reserved.discard(adapter_id)
+
+    async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterRecord:
+        """A new stored adapter combining `sources` (PEFT's add_weighted_adapter, see merging/)."""
+        if not sources:
+            raise ApiError(422, "invalid_merge", "a merge needs at least one source adapter")
+        adapter_id = self._reserve(adapter_id)
+        try:
+            loaded = [await self._loaded_or_prepared(source_id) for source_id, _ in sources]
+            spec.weights = [weight for _, weight in sources]
+            modules = self.engine.runtime.index.modules
+            try:
+                merged = await asyncio.to_thread(merge, loaded, spec, modules)
+            except MergeError as exc:
+                raise ApiError(422, "incompatible_sources", str(exc), {"reasons": exc.reasons}) from None
+            with tempfile.TemporaryDirectory(dir=self.store.staging) as tmp:  # cleaned at start-up too
+                directory = await asyncio.to_thread(write_peft_adapter, merged, Path(tmp))
+                return await self._create(adapter_id, lambda: self.store.stage_directory(directory))
+        finally:
+            self._reserved.discard(adapter_id)
+
+    async def _loaded_or_prepared(self, adapter_id: str) -> LoadedAdapter:
+        """The adapter's tensors: the resident copy, or a fresh one built from the store (not attached)."""
+        record = self.get(adapter_id)
+        if record.loaded is not None:
+            return record.loaded
+        return await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
+
+    async def _create(self, adapter_id: str, stage: Callable[[], StagedAdapter]) -> AdapterRecord:
+        """Stage -> validate and build -> attach -> commit; on any failure nothing is left behind."""
         staged = None
         try:
-            staged = await asyncio.to_thread(self.store.stage_files, files, self.max_upload_bytes)
+            staged = await asyncio.to_thread(stage)
             start = time.perf_counter()
             prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
             await self._make_room(keep=adapter_id)
@@ -222,7 +264,6 @@ class AdapterManager:
             log.info("adapter %s loaded (%d bytes resident, %.1f ms)", adapter_id, loaded.resident_bytes, load_ms)
             return record
         finally:
-            self._reserved.discard(adapter_id)
             if staged is not None:
                 await asyncio.to_thread(staged.discard)
 

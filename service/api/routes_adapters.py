@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from ..adapter_manager import AdapterRecord
+from ..merging import MergeSpec
 from .deps import State
 from .errors import ApiError
-from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse
+from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, MergeRequest
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -45,6 +46,15 @@ async def upload_adapter(
     if length is not None and length.isdigit() and int(length) > limit + 1024 * 1024:  # multipart overhead
         raise ApiError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes", {"max_bytes": limit})
     record = await state.adapters.upload([(f.filename or "", f.file) for f in files], adapter_id or None)
+    return adapter_info(record, state.adapters.active)
+
+
+@router.post("/merge", status_code=201, response_model=AdapterInfo)
+async def merge_adapters(body: MergeRequest, state: State) -> AdapterInfo:
+    """Combine adapters into a new stored adapter (PEFT's add_weighted_adapter methods)."""
+    spec = MergeSpec(method=body.method, weights=[], density=body.density,
+                     majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank, seed=body.seed)
+    record = await state.adapters.merge(body.adapter_id, [(s.adapter_id, s.weight) for s in body.sources], spec)
     return adapter_info(record, state.adapters.active)
 
 

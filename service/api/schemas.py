@@ -74,3 +74,23 @@ class HealthResponse(BaseModel):
     requests_running: int
     requests_waiting: int
     adapters_resident: int
+
+
+class MergeSource(BaseModel):
+    adapter_id: str
+    weight: float = 1.0
+
+
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(default=None, description="id of the new adapter (generated when absent)")
+    sources: list[MergeSource] = Field(min_length=1, max_length=64)
+    method: Literal[
+        "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+        "magnitude_prune", "magnitude_prune_svd",
+    ] = "linear"
+    density: float | None = Field(default=None, ge=0.0, le=1.0)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    svd_rank: int | None = Field(default=None, ge=1, le=4096)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
