@@ -76,7 +76,8 @@ def assert_same(ours, theirs) -> None:
     [
         ("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 3}),
         ("ties", {"density": 0.5}), ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
-        ("magnitude_prune", {"density": 0.6}), ("ties_svd", {"density": 0.5}), ("magnitude_prune_svd", {"density": 0.4}),
+        ("magnitude_prune", {"density": 0.6}), ("ties_svd", {"density": 0.5}),
+        ("magnitude_prune_svd", {"density": 0.4}),
     ],
 )
 def test_deterministic_methods_match_peft(setup, tmp_path, method, kwargs) -> None:
@@ -106,7 +107,8 @@ def test_rslora_sources_are_not_overscaled(tmp_path) -> None:
     sources = [runtime.load("a", a), runtime.load("b", b)]
     merged = merge(sources, MergeSpec("cat", [1.0, 0.5]), runtime.index.modules)
     name = "model.layers.0.self_attn.q_proj"
-    got = merged.tensors[f"base_model.model.{name}.lora_B.weight"] @ merged.tensors[f"base_model.model.{name}.lora_A.weight"]
+    prefix = f"base_model.model.{name}"
+    got = merged.tensors[f"{prefix}.lora_B.weight"] @ merged.tensors[f"{prefix}.lora_A.weight"]
     wa, wb = sources[0].loras[name], sources[1].loras[name]
     expected = 1.0 * wa.scaling * (wa.B @ wa.A) + 0.5 * wb.scaling * (wb.B @ wb.A)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
