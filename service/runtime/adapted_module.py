@@ -30,11 +30,19 @@ class AdaptedModule(nn.Module):
         self.loras: dict[str, LoraWeights] = {}
         self.replacements: dict[str, nn.Module] = {}
         self._stack: StackedLora | None = None  # the latest batch's adapters, stacked (see stacked_lora.py)
+        # The fused adapter's merged copy of the base module: its rows run at bare-module speed.
+        self.fused: tuple[str, nn.Module] | None = None
 
     def remove_adapter(self, adapter_id: str) -> None:
         self.loras.pop(adapter_id, None)
         self.replacements.pop(adapter_id, None)
         self._stack = None  # it may hold a copy of the adapter's weights
+        if self.fused is not None and self.fused[0] == adapter_id:
+            self.fused = None
+
+    @property
+    def fused_id(self) -> str | None:
+        return self.fused[0] if self.fused is not None else None
 
     @property
     def adapter_ids(self) -> set[str]:
@@ -52,7 +60,7 @@ class AdaptedModule(nn.Module):
                 f"module '{self.module_name}' got input with first dimension {x.shape[0]}, not the batch size "
                 f"{assignment.batch_size}; adapters on it cannot be mixed within one batch"
             )
-        if any(g.adapter_id in self.replacements for g in groups) or args or kwargs:
+        if any(g.adapter_id in self.replacements or g.adapter_id == self.fused_id for g in groups) or args or kwargs:
             return self._forward_split(assignment, x, *args, **kwargs)
         # LoRA-only: run the base once for the whole batch, then add each row's delta.
         y = self.base_layer(x)
@@ -85,6 +93,8 @@ class AdaptedModule(nn.Module):
         replacement = self.replacements.get(adapter_id) if adapter_id is not None else None
         if replacement is not None:
             return replacement(x, *args, **kwargs)
+        if adapter_id is not None and adapter_id == self.fused_id:
+            return self.fused[1](x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
         lora = self.loras.get(adapter_id) if adapter_id is not None else None
         return y if lora is None else self._apply_lora(lora, x, y)

@@ -20,6 +20,7 @@ from .adapted_module import AdaptedModule
 from .adapter_config import LoraAdapterConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, AdapterValidationError, LoadReport
 from .lora_weights import LoraWeights, init_dora
+from .merged_weights import merged_parameters
 from .model_index import ModelIndex
 from .plan import AdapterPlan, plan_adapter
 from .routing import Router, RowAssignment
@@ -37,10 +38,11 @@ class LoadedAdapter:
     report: LoadReport
     loras: dict[str, LoraWeights] = field(default_factory=dict)  # module name -> weights
     replacements: dict[str, nn.Module] = field(default_factory=dict)  # module name -> trained copy
+    fused: dict[str, nn.Module] = field(default_factory=dict)  # module name -> merged copy, while fused
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for w in self.loras.values() for t in w.tensors()]
-        for module in self.replacements.values():
+        for module in (*self.replacements.values(), *self.fused.values()):
             out += list(module.parameters()) + list(module.buffers())
         return out
 
@@ -114,9 +116,46 @@ class AdapterRuntime:
                 self._unwrap(name)
         loaded.loras.clear()
         loaded.replacements.clear()
+        loaded.fused.clear()
         if self.router.active == adapter_id:
             self.router.active = None
         return freed
+
+    # ---- fusing --------------------------------------------------------------------------------------
+
+    @property
+    def fused(self) -> str | None:
+        return next((a.adapter_id for a in self.adapters.values() if a.fused), None)
+
+    def fuse(self, adapter_id: str) -> None:
+        """Give the adapter a merged copy of every module it changes, so its rows skip the LoRA math.
+
+        The base weights are never written: other adapters and the base keep their exact outputs, and
+        unfusing just drops the copies. Costs one copy of the targeted base weights.
+        """
+        loaded = self.adapters.get(adapter_id)
+        if loaded is None:
+            raise AdapterNotFoundError(adapter_id)
+        if loaded.fused:
+            return
+        self.unfuse()
+        fused: dict[str, nn.Module] = {}
+        with torch.no_grad():
+            for name, lora in loaded.loras.items():
+                base = self.index.modules[name]
+                module = copy.deepcopy(base).requires_grad_(False)
+                for param, value in merged_parameters(lora, base).items():
+                    getattr(module, param).data = value
+                fused[name] = module
+        for name, module in fused.items():
+            self._wrappers[name].fused = (adapter_id, module)
+        loaded.fused = fused
+
+    def unfuse(self) -> None:
+        for loaded in self.adapters.values():
+            for name in loaded.fused:
+                self._wrappers[name].fused = None
+            loaded.fused = {}
 
     # ---- activation and routing --------------------------------------------------------------------
 
