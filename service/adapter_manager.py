@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
+import zipfile
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from .api.errors import ApiError
 from .engine import Engine
 from .merging import MergeError, MergeSpec, merge
 from .merging.adapter_files import write_peft_adapter
+from .merging.export import MergedCheckpoint, stream_checkpoint_tar
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE
 from .runtime import AdapterNotFoundError, LoadedAdapter
 from .store import AdapterStore, StagedAdapter, StoredAdapter, new_adapter_id, validate_adapter_id
 
@@ -68,6 +72,7 @@ class AdapterManager:
         self.max_resident = max_resident
         self.records: dict[str, AdapterRecord] = {}
         self.active: str | None = None
+        self.fused = False  # the active adapter runs from merged weights (see runtime.fuse)
         self._reserved: set[str] = set()  # ids with an upload in progress
         self._deleting: set[str] = set()
         self._in_flight: Counter[str] = Counter()
@@ -100,6 +105,9 @@ class AdapterManager:
         if active is not None and active in self.records and self.records[active].loaded is not None:
             self.engine.call_sync(lambda rt: rt.activate(active))
             self.active = active
+            if self.store.get_active_fused():
+                self.engine.call_sync(lambda rt: rt.fuse(active))
+                self.fused = True
         elif active is not None:
             log.error("active adapter %s is not available; serving the base model by default", active)
         log.info("restored %d adapter(s) from %s (%d resident); active: %s", len(self.records), self.store.root,
@@ -184,7 +192,7 @@ class AdapterManager:
                 idle = [
                     r for r in self.records.values()
                     if r.loaded is not None and r.id != keep and not self._in_flight.get(r.id)
-                    and r.id not in self._deleting
+                    and r.id not in self._deleting and not (self.fused and r.id == self.active)
                 ]
                 if not idle:
                     await self._room.wait()
@@ -232,6 +240,26 @@ class AdapterManager:
         finally:
             self._reserved.discard(adapter_id)
 
+    async def zip_adapter(self, adapter_id: str) -> Path:
+        """A zip of the stored PEFT files in the staging area (the caller removes it after sending)."""
+        record = self.get(adapter_id)
+
+        def build() -> Path:
+            fd, name = tempfile.mkstemp(prefix="download-", suffix=".zip", dir=self.store.staging)
+            with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+                archive.write(record.stored.config_path, CONFIG_FILE)
+                archive.write(record.stored.weights_path, WEIGHTS_FILE)
+            return Path(name)
+
+        return await asyncio.to_thread(build)
+
+    async def export(self, adapter_id: str, tokenizer) -> Iterator[bytes]:
+        """Chunks of a tar holding the base model with this adapter merged in (see merging/export.py)."""
+        loaded = await self._loaded_or_prepared(adapter_id)
+        runtime = self.engine.runtime
+        checkpoint = MergedCheckpoint(runtime.model, runtime.index, loaded)
+        return stream_checkpoint_tar(checkpoint, tokenizer, f"{adapter_id}-merged")
+
     async def _loaded_or_prepared(self, adapter_id: str) -> LoadedAdapter:
         """The adapter's tensors: the resident copy, or a fresh one built from the store (not attached)."""
         record = self.get(adapter_id)
@@ -267,16 +295,26 @@ class AdapterManager:
             if staged is not None:
                 await asyncio.to_thread(staged.discard)
 
-    async def activate(self, adapter_id: str | None) -> str | None:
+    async def activate(self, adapter_id: str | None, fuse: bool = False) -> str | None:
+        """Make an adapter the default (None: the base model). With `fuse`, its requests run on merged weights
+        at bare-model speed; any other fused adapter is unfused first."""
         if adapter_id is not None:
             self.get(adapter_id)
             async with self.serving(adapter_id):
                 await self.ensure_resident(adapter_id)
-                await self.engine.call(lambda rt: rt.activate(adapter_id))
+
+                def switch(rt) -> None:
+                    rt.activate(adapter_id)
+                    if fuse:
+                        rt.fuse(adapter_id)
+                    else:
+                        rt.unfuse()
+
+                await self.engine.call(switch)
         else:
-            await self.engine.call(lambda rt: rt.activate(None))
-        await asyncio.to_thread(self.store.set_active, adapter_id)
-        self.active = adapter_id
+            await self.engine.call(lambda rt: (rt.activate(None), rt.unfuse()))
+        await asyncio.to_thread(self.store.set_active, adapter_id, fuse)
+        self.active, self.fused = adapter_id, fuse and adapter_id is not None
         return adapter_id
 
     async def delete(self, adapter_id: str) -> int:

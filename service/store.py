@@ -271,13 +271,20 @@ class AdapterStore:
             return None
         return active
 
-    def set_active(self, adapter_id: str | None) -> None:
-        """Persist the active adapter (None for the base model); the adapter must be in the store."""
+    def set_active(self, adapter_id: str | None, fused: bool = False) -> None:
+        """Persist the active adapter (None for the base model) and whether it is fused."""
         with self._lock:
             if adapter_id is not None and not self.exists(adapter_id):
                 validate_adapter_id(adapter_id)
                 raise AdapterNotFoundError(adapter_id)
-            self._write_active(adapter_id)
+            self._write_active(adapter_id, fused and adapter_id is not None)
+
+    def get_active_fused(self) -> bool:
+        """Whether the persisted active adapter was fused."""
+        try:
+            return bool(json.loads((self.root / ACTIVE_FILE).read_text()).get("fused", False))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _read_active(self) -> str | None:
         try:
@@ -289,12 +296,12 @@ class AdapterStore:
             return None
         return value if isinstance(value, str) else None
 
-    def _write_active(self, adapter_id: str | None) -> None:
+    def _write_active(self, adapter_id: str | None, fused: bool = False) -> None:
         # Temp file in staging (same filesystem, cleaned on start), then os.replace: readers see old or new.
         fd, tmp = tempfile.mkstemp(prefix="active-", suffix=".json", dir=self.staging)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"active": adapter_id}, f)
+                json.dump({"active": adapter_id, "fused": fused}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / ACTIVE_FILE)

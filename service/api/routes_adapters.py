@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..adapter_manager import AdapterRecord
 from ..merging import MergeSpec
@@ -72,15 +74,32 @@ async def get_adapter(adapter_id: str, state: State) -> AdapterInfo:
 
 
 @router.put("/{adapter_id}/activate", response_model=ActiveResponse)
-async def activate_adapter(adapter_id: str, state: State) -> ActiveResponse:
-    """Make this adapter the default for requests that name none."""
-    return ActiveResponse(active=await state.adapters.activate(adapter_id))
+async def activate_adapter(adapter_id: str, state: State, fuse: bool = False) -> ActiveResponse:
+    """Make this adapter the default for requests that name none; `fuse=true` runs it on merged weights."""
+    active = await state.adapters.activate(adapter_id, fuse=fuse)
+    return ActiveResponse(active=active, fused=state.adapters.fused)
 
 
 @router.delete("/active", response_model=ActiveResponse)
 async def deactivate(state: State) -> ActiveResponse:
     """Requests that name no adapter use the base model from now on."""
     return ActiveResponse(active=await state.adapters.activate(None))
+
+
+@router.get("/{adapter_id}/download", response_class=FileResponse)
+async def download_adapter(adapter_id: str, state: State) -> FileResponse:
+    """The adapter as a zip in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    path = await state.adapters.zip_adapter(adapter_id)
+    return FileResponse(path, media_type="application/zip", filename=f"{adapter_id}.zip",
+                        background=BackgroundTask(path.unlink, missing_ok=True))
+
+
+@router.post("/{adapter_id}/export")
+async def export_merged_model(adapter_id: str, state: State) -> StreamingResponse:
+    """A tar of a standalone Hugging Face checkpoint with the adapter merged into the base weights, streamed."""
+    chunks = await state.adapters.export(adapter_id, state.base.tokenizer)
+    return StreamingResponse(chunks, media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})
 
 
 @router.delete("/{adapter_id}", response_model=DeleteResponse)

@@ -57,6 +57,7 @@ class AdapterList(BaseModel):
 
 class ActiveResponse(BaseModel):
     active: str | None
+    fused: bool = False
 
 
 class DeleteResponse(BaseModel):
