@@ -44,8 +44,10 @@ def _table(report: BenchReport) -> list[str]:
     return lines
 
 
-def _ratios(report: BenchReport, single: str, mixed: str, base: str, naive: str) -> list[str]:
+def _ratios(report: BenchReport, single: str, mixed: str, base: str, naive: str, fused: str) -> list[str]:
     lines = []
+    if (r := _ratio(report, fused, single)) is not None:
+        lines.append(f"- fused activation speed-up over the unfused single adapter: **{r:.2f}x**")
     if (r := _ratio(report, mixed, single)) is not None:
         verdict = "meets" if r >= MIXED_OVER_SINGLE_TARGET else "misses"
         lines.append(f"- mixed / single throughput: **{r:.2f}** ({verdict} target >= {MIXED_OVER_SINGLE_TARGET})")
@@ -75,10 +77,10 @@ def _lifecycle(report: BenchReport) -> list[str]:
             f"- delete (`DELETE /adapters/{{id}}`): {stats(report.delete_s)}"]
 
 
-def render(report: BenchReport, single: str, mixed: str, base: str, naive: str) -> str:
+def render(report: BenchReport, single: str, mixed: str, base: str, naive: str, fused: str) -> str:
     """The whole report as Markdown; the scenario labels name which rows the ratios compare."""
     lines = ["# Benchmark results", ""]
     lines += [f"- {key}: {value}" for key, value in report.header.items()]
-    lines += ["", *_table(report), "", "## Ratios", "", *_ratios(report, single, mixed, base, naive),
+    lines += ["", *_table(report), "", "## Ratios", "", *_ratios(report, single, mixed, base, naive, fused),
               "", "## Adapter lifecycle (ours)", "", *_lifecycle(report), ""]
     return "\n".join(lines)

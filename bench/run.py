@@ -35,12 +35,14 @@ LABELS = {
     "single": "ours, single adapter",
     "mixed": f"ours, mixed {ADAPTER_COUNT} adapters",
     "base": "ours, base model",
+    "fused": "ours, single adapter fused (activate?fuse=true)",
     "naive": f"naive PEFT, mixed {ADAPTER_COUNT} adapters",
 }
 ADAPTER_OF: dict[str, Callable[[int], str]] = {
     "single": lambda client: adapter_id(0),
     "mixed": lambda client: adapter_id(client % ADAPTER_COUNT),
     "base": lambda client: BASE_ID,
+    "fused": lambda client: adapter_id(0),
     "naive": lambda client: adapter_id(client % ADAPTER_COUNT),
 }
 WARMUP_CLIENTS = 2  # one warm-up request on adapter 0, one on adapter 1
@@ -109,6 +111,13 @@ def _run_ours(model_dir: Path, adapters: list[Path], args: argparse.Namespace, r
                 print(f"running: {LABELS[scenario]}", flush=True)
                 report.scenarios[LABELS[scenario]] = _load(server.url, scenario, args, args.clients,
                                                            args.requests_per_client, stream)
+        if "fused" in args.scenarios:
+            fused = client.put(f"/adapters/{adapter_id(0)}/activate", params={"fuse": "true"})
+            fused.raise_for_status()
+            print(f"running: {LABELS['fused']}", flush=True)
+            report.scenarios[LABELS["fused"]] = _load(server.url, "fused", args, args.clients,
+                                                      args.requests_per_client, stream)
+            client.delete("/adapters/active").raise_for_status()
         report.delete_s = [_delete(client, adapter_id(i)) for i in range(len(adapters))]
 
 
@@ -142,12 +151,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"max_new_tokens={args.max_new_tokens}, temperature=0",
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
     })
-    if {"single", "mixed", "base"} & set(args.scenarios):
+    if {"single", "mixed", "base", "fused"} & set(args.scenarios):
         _run_ours(model_dir, adapters, args, report)
     if "naive" in args.scenarios:
         _run_naive(model_dir, adapters, args, report)
     report.header["benchmark wall time"] = f"{time.perf_counter() - started:.1f} s"
-    text = render(report, LABELS["single"], LABELS["mixed"], LABELS["base"], LABELS["naive"])
+    text = render(report, LABELS["single"], LABELS["mixed"], LABELS["base"], LABELS["naive"], LABELS["fused"])
     args.results.write_text(text)
     print("\n" + text)
     print(f"written to {args.results}")
