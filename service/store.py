@@ -301,7 +301,7 @@ class AdapterStore:
         fd, tmp = tempfile.mkstemp(prefix="active-", suffix=".json", dir=self.staging)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"active": adapter_id, "fused": fused}, f)
+                json.dump({"active": adapter_id, **({"fused": True} if fused else {})}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / ACTIVE_FILE)

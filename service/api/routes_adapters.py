@@ -73,14 +73,14 @@ async def get_adapter(adapter_id: str, state: State) -> AdapterInfo:
     return adapter_info(state.adapters.get(adapter_id), state.adapters.active)
 
 
-@router.put("/{adapter_id}/activate", response_model=ActiveResponse)
+@router.put("/{adapter_id}/activate", response_model=ActiveResponse, response_model_exclude_unset=True)
 async def activate_adapter(adapter_id: str, state: State, fuse: bool = False) -> ActiveResponse:
     """Make this adapter the default for requests that name none; `fuse=true` runs it on merged weights."""
     active = await state.adapters.activate(adapter_id, fuse=fuse)
-    return ActiveResponse(active=active, fused=state.adapters.fused)
+    return ActiveResponse(active=active, fused=True) if state.adapters.fused else ActiveResponse(active=active)
 
 
-@router.delete("/active", response_model=ActiveResponse)
+@router.delete("/active", response_model=ActiveResponse, response_model_exclude_unset=True)
 async def deactivate(state: State) -> ActiveResponse:
     """Requests that name no adapter use the base model from now on."""
     return ActiveResponse(active=await state.adapters.activate(None))

@@ -57,7 +57,7 @@ class AdapterList(BaseModel):
 
 class ActiveResponse(BaseModel):
     active: str | None
-    fused: bool = False
+    fused: bool | None = Field(default=None, description="present (true) only when the adapter was fused")
 
 
 class DeleteResponse(BaseModel):
