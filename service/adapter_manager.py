@@ -93,7 +93,7 @@ class AdapterManager:
         order = sorted(stored, key=lambda s: (s.id != active, s.created_at), reverse=False)
         for item in order:
             record = AdapterRecord(item)
-            if sum(r.loaded is not None for r in self.records.values()) < self.max_resident:
+            if self.resident_count < self.max_resident:
                 start = time.perf_counter()
                 try:
                     record.loaded = self.engine.call_sync(lambda rt, item=item: rt.load(item.id, item.path))
