@@ -31,6 +31,7 @@ from .engine import Engine
 from .merging import MergeError, MergeSpec, merge
 from .merging.adapter_files import write_peft_adapter
 from .merging.export import MergedCheckpoint, stream_checkpoint_tar
+from .metrics import ServiceMetrics
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE
 from .runtime import AdapterNotFoundError, LoadedAdapter
 from .store import AdapterStore, StagedAdapter, StoredAdapter, new_adapter_id, validate_adapter_id
@@ -65,8 +66,12 @@ class AdapterRecord:
 
 
 class AdapterManager:
-    def __init__(self, store: AdapterStore, engine: Engine, max_upload_bytes: int, max_resident: int = 64) -> None:
+    def __init__(
+        self, store: AdapterStore, engine: Engine, max_upload_bytes: int, max_resident: int = 64,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.store = store
+        self.metrics = metrics or ServiceMetrics()
         self.engine = engine
         self.max_upload_bytes = max_upload_bytes
         self.max_resident = max_resident
@@ -179,6 +184,7 @@ class AdapterManager:
             finally:
                 self._slots_reserved -= 1
             record.load_ms = (time.perf_counter() - start) * 1000
+            self.metrics.load_seconds.observe(record.load_ms / 1000)
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
 
     async def _make_room(self, keep: str) -> None:
@@ -218,6 +224,17 @@ class AdapterManager:
         adapter_id = self._reserve(adapter_id)
         try:
             return await self._create(adapter_id, lambda: self.store.stage_files(files, self.max_upload_bytes))
+        finally:
+            self._reserved.discard(adapter_id)
+
+    async def load_from_path(self, adapter_id: str, directory: Path) -> AdapterRecord:
+        """Register an adapter from a server-side directory (vLLM's load_lora_adapter); same checks as upload."""
+        adapter_id = self._reserve(adapter_id)
+        try:
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                if not (directory / name).is_file():
+                    raise ApiError(422, "invalid_upload", f"{directory} has no {name}", {"path": str(directory)})
+            return await self._create(adapter_id, lambda: self.store.stage_directory(directory, self.max_upload_bytes))
         finally:
             self._reserved.discard(adapter_id)
 
@@ -280,6 +297,7 @@ class AdapterManager:
             finally:
                 self._slots_reserved -= 1
             load_ms = (time.perf_counter() - start) * 1000
+            self.metrics.load_seconds.observe(load_ms / 1000)
             summary = {**loaded.config.summary(), "rank": loaded.rank}
             try:
                 stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
@@ -319,6 +337,7 @@ class AdapterManager:
 
     async def delete(self, adapter_id: str) -> int:
         record = self.get(adapter_id)
+        start = time.perf_counter()
         self._deleting.add(adapter_id)  # new requests get 404 from now on
         try:
             if self.active == adapter_id:
@@ -333,6 +352,7 @@ class AdapterManager:
                     freed = await self.engine.call(lambda rt: rt.delete(adapter_id))
             await asyncio.to_thread(self.store.delete, adapter_id)
             del self.records[adapter_id]
+            self.metrics.delete_seconds.observe(time.perf_counter() - start)
             log.info("adapter %s deleted (%d bytes freed)", adapter_id, freed)
             return freed
         finally:

@@ -1,16 +1,18 @@
-"""Command line: `python -m service serve ...` and `python -m service make-adapter ...`."""
+"""Command line: `python -m service serve`, `make-adapter`, and the client commands `adapters` and `generate`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from .cli_client import CLIENT_COMMANDS, add_client_commands, run_client_command
 from .settings import Settings
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
-               "log_level")
+               "lora_roots", "log_json", "log_level")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
     serve.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
     serve.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
+    serve.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
+                       help="directory POST /v1/load_lora_adapter may load from (repeatable)")
+    serve.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
     serve.add_argument("--log-level", dest="log_level")
     make = sub.add_parser("make-adapter", help="write a valid PEFT-format LoRA adapter for the demo model")
     make.add_argument("--out", required=True, type=Path)
@@ -36,11 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--modules-to-save", dest="modules_to_save", nargs="*", default=[])
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--model", help="model directory the adapter is for (default: the demo model)")
+    add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        sys.exit(run_client_command(args))
     if args.command == "serve":
         settings = Settings(**{k: v for k in SERVE_FLAGS if (v := getattr(args, k)) is not None})
         _serve(settings)
@@ -52,10 +60,13 @@ def _serve(settings: Settings) -> None:
     import uvicorn
 
     from .api.app import create_app
+    from .logging_setup import configure_logging
 
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger(__name__).warning("serving on %s: reachable from other machines", settings.host)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, log_config=None)  # our middleware logs each request with its id
 
 
 def _make_adapter(args: argparse.Namespace) -> None:

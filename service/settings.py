@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # Adapters loaded in model memory at once; the rest stay in the store and load on first use (LRU).
     max_resident_adapters: int = Field(default=64, ge=1)
     demo_cache: Path = Field(default_factory=_default_demo_cache)
+    # Directories that POST /v1/load_lora_adapter may read adapters from (empty: path loading disabled).
+    lora_roots: list[Path] = Field(default_factory=list)
+    log_json: bool = False  # one JSON object per log line
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("log_level", mode="before")

@@ -161,10 +161,10 @@ class AdapterStore:
             shutil.rmtree(staged, ignore_errors=True)
             raise
 
-    def stage_directory(self, directory: Path) -> StagedAdapter:
-        """Stage adapter files the server wrote itself (e.g. a merge result), with no size limit."""
+    def stage_directory(self, directory: Path, max_bytes: int = 1 << 62) -> StagedAdapter:
+        """Stage the two adapter files of a directory (a merge result, or a path the operator allowed)."""
         with (directory / CONFIG_FILE).open("rb") as config, (directory / WEIGHTS_FILE).open("rb") as weights:
-            return self.stage_files([(CONFIG_FILE, config), (WEIGHTS_FILE, weights)], max_bytes=1 << 62)
+            return self.stage_files([(CONFIG_FILE, config), (WEIGHTS_FILE, weights)], max_bytes=max_bytes)
 
     def commit(self, adapter_id: str, staged: StagedAdapter, config_summary: dict[str, Any]) -> StoredAdapter:
         """Move a staged upload into the store under `adapter_id` (one atomic rename).

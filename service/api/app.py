@@ -10,13 +10,15 @@ from fastapi import FastAPI
 
 from ..adapter_manager import AdapterManager
 from ..engine import Engine
+from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
 from ..runtime import AdapterRuntime
 from ..settings import Settings
 from ..store import AdapterStore
-from . import routes_adapters, routes_generate, routes_health
+from . import routes_adapters, routes_generate, routes_health, routes_metrics, routes_openai, routes_vllm
 from .deps import ServiceState
 from .errors import install_error_handlers
+from .middleware import install_request_middleware
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +32,26 @@ def create_app(settings: Settings) -> FastAPI:
             max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget,
         )
         adapters = AdapterManager(
-            AdapterStore(settings.store), engine, settings.max_upload_bytes, settings.max_resident_adapters
+            AdapterStore(settings.store), engine, settings.max_upload_bytes, settings.max_resident_adapters, metrics
         )
         adapters.restore()
+        metrics.bind(
+            queue_depth=lambda: engine.waiting_requests, batch_size=lambda: engine.running_requests,
+            resident=lambda: adapters.resident_count, registered=lambda: len(adapters.records),
+            adapter_bytes=lambda: sum(r.resident_bytes for r in adapters.records.values()),
+        )
         engine.start()
-        app.state.service = ServiceState(settings, base, engine, adapters)
+        app.state.service = ServiceState(settings, base, engine, adapters, metrics)
         log.info("service ready: model %s, %d adapter(s)", base.name, len(adapters.records))
         try:
             yield
         finally:
             engine.stop()
 
+    metrics = ServiceMetrics()
     app = FastAPI(title="adapter-service", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (routes_health, routes_adapters, routes_generate):
+    install_request_middleware(app, metrics)
+    for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics):
         app.include_router(module.router)
     return app

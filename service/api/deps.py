@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from ..adapter_manager import AdapterManager
 from ..engine import Engine
+from ..metrics import ServiceMetrics
 from ..model_loading import BaseModel
 from ..settings import Settings
 
@@ -19,6 +20,7 @@ class ServiceState:
     base: BaseModel
     engine: Engine
     adapters: AdapterManager
+    metrics: ServiceMetrics
 
 
 def get_state(request: Request) -> ServiceState:

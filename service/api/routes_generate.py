@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..engine import GenerationRequest, GenerationResult, QueueFullError, RequestHandle, SamplingParams
+from ..engine import GenerationRequest, GenerationResult, SamplingParams
 from .deps import State
 from .errors import ApiError, error_body
+from .generation import generate_events, generate_result
 from .schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(tags=["generate"])
@@ -35,73 +35,31 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     then a final event with `finish_reason` and `usage`.
     """
     adapter_id = state.adapters.resolve(body.adapter_id)
-    prompt_ids = state.base.tokenizer(body.prompt)["input_ids"]
+    request.state.adapter_id = adapter_id or "base"
     params = SamplingParams(
         max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
     )
-    timeout = state.settings.request_timeout_s
-    if body.stream:
-        return await _stream(state, request, GenerationRequest(prompt_ids, adapter_id, params), timeout)
-    async with state.adapters.serving(adapter_id):
-        await state.adapters.ensure_resident(adapter_id)
-        handle = _submit(state, GenerationRequest(prompt_ids, adapter_id, params))
+    generation = GenerationRequest(state.base.tokenizer(body.prompt)["input_ids"], adapter_id, params)
+    if not body.stream:
+        return _response(await generate_result(state, generation), adapter_id)
+    events = await generate_events(state, generation)
+
+    async def sse() -> AsyncIterator[bytes]:
         try:
-            result = await asyncio.wait_for(handle.result(), timeout)
-        except TimeoutError:
-            raise ApiError(504, "timeout", f"generation did not finish within {timeout} s") from None
-        finally:
-            handle.cancel()  # no-op when finished; frees the slot on timeout or client disconnect
-    return _response(result, adapter_id)
-
-
-def _submit(state, request: GenerationRequest) -> RequestHandle:
-    try:
-        return state.engine.submit(request)
-    except QueueFullError as exc:
-        raise ApiError(429, "overloaded", f"the server is busy ({exc.waiting} requests waiting); retry later",
-                       {"waiting": exc.waiting}, headers={"Retry-After": "1"}) from None
-
-
-async def _stream(state, http_request: Request, request: GenerationRequest, timeout: float) -> StreamingResponse:
-    serving = state.adapters.serving(request.adapter_id)
-    await serving.__aenter__()
-    try:
-        await state.adapters.ensure_resident(request.adapter_id)
-        handle = _submit(state, request)
-    except BaseException:
-        await serving.__aexit__(None, None, None)
-        raise
-
-    async def events() -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            async for event in _with_deadline(handle.events(), deadline):
+            async for event in events:
                 if isinstance(event, GenerationResult):
-                    final = _response(event, request.adapter_id).model_dump()
-                    yield _sse({"finish_reason": event.finish_reason, "usage": final["usage"], "text": event.text,
-                                "adapter_id": final["adapter_id"]})
+                    final = _response(event, adapter_id)
+                    yield _sse({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
+                                "text": final.text, "adapter_id": final.adapter_id})
                 else:
                     yield _sse({"token_id": event.token_id, "text": event.text})
-        except TimeoutError:
-            yield _sse(error_body("timeout", f"generation did not finish within {timeout} s"))
+        except ApiError as exc:  # headers are gone: the error becomes the last event
+            yield _sse(error_body(exc.code, exc.message, exc.details))
         finally:
-            handle.cancel()  # the client went away or the stream ended: free the slot
-            await serving.__aexit__(None, None, None)
+            await events.aclose()
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _with_deadline(events: AsyncIterator, deadline: float) -> AsyncIterator:
-    loop = asyncio.get_running_loop()
-    iterator = aiter(events)
-    while True:
-        try:
-            event = await asyncio.wait_for(anext(iterator), max(deadline - loop.time(), 0))
-        except StopAsyncIteration:
-            return
-        yield event
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _sse(data: dict) -> bytes:

@@ -24,6 +24,7 @@ class ServerProcess:
             cwd=Path(__file__).resolve().parents[2],
         )
         self.lines: list[str] = []
+        self._new_line = threading.Condition()
         self.url = self._wait_ready()
         self._drain = threading.Thread(target=self._read_rest, daemon=True)
         self._drain.start()
@@ -41,7 +42,21 @@ class ServerProcess:
     def _read_rest(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+
+    def wait_for_line(self, predicate, timeout: float = 30) -> str:
+        """Block until the server prints a line matching `predicate` (woken by each new line)."""
+        with self._new_line:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if predicate(line):
+                        return line
+                seen = len(self.lines)
+                if not self._new_line.wait(timeout):
+                    raise TimeoutError("no matching server log line:\n" + "".join(self.lines[-20:]))
 
     @property
     def log(self) -> str:

@@ -1,0 +1,77 @@
+"""Running one generation for an HTTP handler: admission, residency, timeout, cancellation and metrics.
+
+Shared by `/generate` and the OpenAI-compatible endpoints, so every front door behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from ..engine import GenerationRequest, GenerationResult, QueueFullError, RequestHandle, TokenEvent
+from .deps import ServiceState
+from .errors import ApiError
+
+
+def _submit(state: ServiceState, request: GenerationRequest) -> RequestHandle:
+    try:
+        return state.engine.submit(request)
+    except QueueFullError as exc:
+        raise ApiError(429, "overloaded", f"the server is busy ({exc.waiting} requests waiting); retry later",
+                       {"waiting": exc.waiting}, headers={"Retry-After": "1"}) from None
+
+
+def _label(request: GenerationRequest) -> str:
+    return request.adapter_id or "base"
+
+
+async def generate_events(
+    state: ServiceState, request: GenerationRequest
+) -> AsyncIterator[TokenEvent | GenerationResult]:
+    """Token events then the result. Admission errors (404, 429) raise before the first event, so a
+    streaming handler can still answer with a status code; the row is freed when the iterator closes."""
+    timeout = state.settings.request_timeout_s
+    serving = state.adapters.serving(request.adapter_id)
+    await serving.__aenter__()
+    try:
+        await state.adapters.ensure_resident(request.adapter_id)
+        handle = _submit(state, request)
+    except BaseException:
+        await serving.__aexit__(None, None, None)
+        raise
+    return _events(state, request, handle, serving, time.perf_counter() + timeout, timeout)
+
+
+async def _events(state, request, handle: RequestHandle, serving, deadline: float, timeout: float):
+    start, first = time.perf_counter(), True
+    metrics = state.metrics
+    try:
+        iterator = aiter(handle.events())
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(iterator), max(deadline - time.perf_counter(), 0))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ApiError(504, "timeout", f"generation did not finish within {timeout} s") from None
+            if isinstance(event, TokenEvent):
+                if first:
+                    metrics.ttft.labels(_label(request)).observe(time.perf_counter() - start)
+                    first = False
+                metrics.tokens.labels(_label(request)).inc()
+            yield event
+    finally:
+        handle.cancel()  # no-op when finished; frees the row on disconnect, timeout or error
+        await serving.__aexit__(None, None, None)
+
+
+async def generate_result(state: ServiceState, request: GenerationRequest) -> GenerationResult:
+    events = await generate_events(state, request)
+    try:
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                return event
+    finally:
+        await events.aclose()
+    raise ApiError(500, "internal_error", "the engine ended the request without a result")

@@ -1,0 +1,42 @@
+"""Per-request context: a request id (from `X-Request-ID` or new) in logs and the response, metrics, access log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+
+from ..logging_setup import request_id_var
+from ..metrics import ServiceMetrics
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+log = logging.getLogger("service.access")
+
+
+def install_request_middleware(app: FastAPI, metrics: ServiceMetrics) -> None:
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        start, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        finally:
+            elapsed = time.perf_counter() - start
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")  # the route template keeps label cardinality low
+            adapter = getattr(request.state, "adapter_id", "")
+            metrics.requests.labels(endpoint, request.method, str(status), adapter).inc()
+            metrics.latency.labels(endpoint).observe(elapsed)
+            log.info("%s %s -> %d in %.1f ms", request.method, request.url.path, status, elapsed * 1000,
+                     extra={"method": request.method, "path": request.url.path, "status": status,
+                            "duration_ms": round(elapsed * 1000, 3), "adapter": adapter})
+            request_id_var.reset(token)

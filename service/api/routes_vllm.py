@@ -1,0 +1,44 @@
+"""vLLM-compatible runtime adapter management, mapped onto the same store and runtime as `/adapters`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from .deps import State
+from .errors import ApiError
+from .schemas_openai import LoadLoraRequest, UnloadLoraRequest
+
+router = APIRouter(prefix="/v1", tags=["vllm"])
+
+
+def _allowed_path(state, raw: str) -> Path:
+    """The adapter directory, only if it lies under an operator-configured root (symlinks resolved)."""
+    roots = [root.resolve() for root in state.settings.lora_roots]
+    if not roots:
+        raise ApiError(403, "path_loading_disabled",
+                       "loading adapters from server paths is disabled; start the server with --lora-root DIR")
+    path = Path(raw).expanduser().resolve()
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        raise ApiError(403, "path_not_allowed", f"'{raw}' is outside the allowed roots",
+                       {"allowed_roots": [str(r) for r in roots]})
+    if not path.is_dir():
+        raise ApiError(404, "path_not_found", f"'{raw}' is not a directory")
+    return path
+
+
+@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoraRequest, state: State) -> str:
+    """Load an adapter from a directory under an allowed root (vLLM's request and reply)."""
+    path = _allowed_path(state, body.lora_path)
+    await state.adapters.load_from_path(body.lora_name, path)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoraRequest, state: State) -> str:
+    """Delete an adapter, exactly as `DELETE /adapters/{id}`."""
+    await state.adapters.delete(body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
