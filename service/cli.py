@@ -12,7 +12,7 @@ from .settings import Settings
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
-               "lora_roots", "log_json", "log_level")
+               "lora_roots", "log_json", "api_keys_file", "log_level")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
                        help="directory POST /v1/load_lora_adapter may load from (repeatable)")
     serve.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
+    serve.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
+                       help="file of '<scope> <key>' lines (scopes: admin, inference); also ADAPTER_SERVICE_API_KEYS")
     serve.add_argument("--log-level", dest="log_level")
     make = sub.add_parser("make-adapter", help="write a valid PEFT-format LoRA adapter for the demo model")
     make.add_argument("--out", required=True, type=Path)
@@ -63,8 +65,10 @@ def _serve(settings: Settings) -> None:
     from .logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger(__name__).warning("serving on %s: reachable from other machines", settings.host)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.api_keys_file):
+        logging.getLogger(__name__).warning(
+            "SERVING ON %s WITHOUT API KEYS: anyone who can reach this address can upload, delete and run "
+            "adapters. Set ADAPTER_SERVICE_API_KEYS or --api-keys-file.", settings.host)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, log_config=None)  # our middleware logs each request with its id
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Directories that POST /v1/load_lora_adapter may read adapters from (empty: path loading disabled).
     lora_roots: list[Path] = Field(default_factory=list)
     log_json: bool = False  # one JSON object per log line
+    # API keys as "admin:KEY,inference:KEY" and/or a file of "<scope> <key>" lines; none = open API.
+    api_keys: str | None = None
+    api_keys_file: Path | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("log_level", mode="before")

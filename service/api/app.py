@@ -16,6 +16,7 @@ from ..runtime import AdapterRuntime
 from ..settings import Settings
 from ..store import AdapterStore
 from . import routes_adapters, routes_generate, routes_health, routes_metrics, routes_openai, routes_vllm
+from .auth import ApiKeys
 from .deps import ServiceState
 from .errors import install_error_handlers
 from .middleware import install_request_middleware
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     metrics = ServiceMetrics()
     app = FastAPI(title="adapter-service", version="0.1.0", lifespan=lifespan)
+    app.state.api_keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)  # fails fast
     install_error_handlers(app)
     install_request_middleware(app, metrics)
     for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..adapter_manager import AdapterRecord
 from ..merging import MergeSpec
+from .auth import require
 from .deps import State
 from .errors import ApiError
 from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, MergeRequest
@@ -35,7 +36,11 @@ def adapter_info(record: AdapterRecord, active: str | None) -> AdapterInfo:
     )
 
 
-@router.post("", status_code=201, response_model=AdapterInfo)
+ADMIN = [Depends(require("admin"))]
+READ = [Depends(require("inference"))]
+
+
+@router.post("", status_code=201, response_model=AdapterInfo, dependencies=ADMIN)
 async def upload_adapter(
     request: Request,
     state: State,
@@ -51,7 +56,7 @@ async def upload_adapter(
     return adapter_info(record, state.adapters.active)
 
 
-@router.post("/merge", status_code=201, response_model=AdapterInfo)
+@router.post("/merge", status_code=201, response_model=AdapterInfo, dependencies=ADMIN)
 async def merge_adapters(body: MergeRequest, state: State) -> AdapterInfo:
     """Combine adapters into a new stored adapter (PEFT's add_weighted_adapter methods)."""
     spec = MergeSpec(method=body.method, weights=[], density=body.density,
@@ -60,33 +65,34 @@ async def merge_adapters(body: MergeRequest, state: State) -> AdapterInfo:
     return adapter_info(record, state.adapters.active)
 
 
-@router.get("", response_model=AdapterList)
+@router.get("", response_model=AdapterList, dependencies=READ)
 async def list_adapters(state: State) -> AdapterList:
     """Every adapter and the active one."""
     active = state.adapters.active
     return AdapterList(adapters=[adapter_info(r, active) for r in state.adapters.visible()], active=active)
 
 
-@router.get("/{adapter_id}", response_model=AdapterInfo)
+@router.get("/{adapter_id}", response_model=AdapterInfo, dependencies=READ)
 async def get_adapter(adapter_id: str, state: State) -> AdapterInfo:
     """One adapter's info."""
     return adapter_info(state.adapters.get(adapter_id), state.adapters.active)
 
 
-@router.put("/{adapter_id}/activate", response_model=ActiveResponse, response_model_exclude_unset=True)
+@router.put("/{adapter_id}/activate", response_model=ActiveResponse, response_model_exclude_unset=True,
+            dependencies=ADMIN)
 async def activate_adapter(adapter_id: str, state: State, fuse: bool = False) -> ActiveResponse:
     """Make this adapter the default for requests that name none; `fuse=true` runs it on merged weights."""
     active = await state.adapters.activate(adapter_id, fuse=fuse)
     return ActiveResponse(active=active, fused=True) if state.adapters.fused else ActiveResponse(active=active)
 
 
-@router.delete("/active", response_model=ActiveResponse, response_model_exclude_unset=True)
+@router.delete("/active", response_model=ActiveResponse, response_model_exclude_unset=True, dependencies=ADMIN)
 async def deactivate(state: State) -> ActiveResponse:
     """Requests that name no adapter use the base model from now on."""
     return ActiveResponse(active=await state.adapters.activate(None))
 
 
-@router.get("/{adapter_id}/download", response_class=FileResponse)
+@router.get("/{adapter_id}/download", response_class=FileResponse, dependencies=ADMIN)
 async def download_adapter(adapter_id: str, state: State) -> FileResponse:
     """The adapter as a zip in PEFT format (adapter_config.json + adapter_model.safetensors)."""
     path = await state.adapters.zip_adapter(adapter_id)
@@ -94,7 +100,7 @@ async def download_adapter(adapter_id: str, state: State) -> FileResponse:
                         background=BackgroundTask(path.unlink, missing_ok=True))
 
 
-@router.post("/{adapter_id}/export")
+@router.post("/{adapter_id}/export", dependencies=ADMIN)
 async def export_merged_model(adapter_id: str, state: State) -> StreamingResponse:
     """A tar of a standalone Hugging Face checkpoint with the adapter merged into the base weights, streamed."""
     chunks = await state.adapters.export(adapter_id, state.base.tokenizer)
@@ -102,7 +108,7 @@ async def export_merged_model(adapter_id: str, state: State) -> StreamingRespons
                              headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})
 
 
-@router.delete("/{adapter_id}", response_model=DeleteResponse)
+@router.delete("/{adapter_id}", response_model=DeleteResponse, dependencies=ADMIN)
 async def delete_adapter(adapter_id: str, state: State) -> DeleteResponse:
     """Delete an adapter: new requests get 404 at once; running ones finish first; then all is freed."""
     return DeleteResponse(deleted=adapter_id, freed_bytes=await state.adapters.delete(adapter_id))

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import GenerationRequest, GenerationResult, SamplingParams
+from .auth import require
 from .deps import State
 from .errors import ApiError, error_body
 from .generation import generate_events, generate_result
 from .schemas import GenerateRequest, GenerateResponse, Usage
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[Depends(require("inference"))])
 
 
 def _response(result: GenerationResult, adapter_id: str | None) -> GenerateResponse:

@@ -7,16 +7,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from .auth import require
 from .deps import ServiceState, State
 from .errors import ApiError, error_body
 from .generation import generate_events, generate_result
 from .schemas_openai import ChatCompletionRequest, CompletionRequest
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require("inference"))])
 
 # Used when the tokenizer has no chat template (e.g. the demo model): role-prefixed lines.
 DEFAULT_CHAT_TEMPLATE = (

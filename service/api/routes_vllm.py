@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
+from .auth import require
 from .deps import State
 from .errors import ApiError
 from .schemas_openai import LoadLoraRequest, UnloadLoraRequest
 
-router = APIRouter(prefix="/v1", tags=["vllm"])
+router = APIRouter(prefix="/v1", tags=["vllm"], dependencies=[Depends(require("admin"))])
 
 
 def _allowed_path(state, raw: str) -> Path:
