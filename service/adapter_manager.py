@@ -68,9 +68,10 @@ class AdapterRecord:
 class AdapterManager:
     def __init__(
         self, store: AdapterStore, engine: Engine, max_upload_bytes: int, max_resident: int = 64,
-        metrics: ServiceMetrics | None = None,
+        metrics: ServiceMetrics | None = None, max_adapters: int = 10_000,
     ) -> None:
         self.store = store
+        self.max_adapters = max_adapters
         self.metrics = metrics or ServiceMetrics()
         self.engine = engine
         self.max_upload_bytes = max_upload_bytes
@@ -217,6 +218,9 @@ class AdapterManager:
         validate_adapter_id(adapter_id)
         if adapter_id in self.records or adapter_id in self._reserved:
             raise ApiError(409, "adapter_exists", f"adapter '{adapter_id}' already exists", {"adapter_id": adapter_id})
+        if len(self.records) + len(self._reserved) >= self.max_adapters:
+            raise ApiError(409, "adapter_limit_reached", f"the store holds its limit of {self.max_adapters} adapters; "
+                           "delete one first", {"max_adapters": self.max_adapters})
         self._reserved.add(adapter_id)
         return adapter_id
 

@@ -12,6 +12,7 @@ from .settings import Settings
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
+               "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
                "lora_roots", "log_json", "api_keys_file", "log_level")
 
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
     serve.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
     serve.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
+    for flag in ("max-adapters", "max-adapter-rank", "max-prompt-tokens", "max-new-tokens", "max-request-body-bytes"):
+        serve.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
     serve.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
                        help="directory POST /v1/load_lora_adapter may load from (repeatable)")
     serve.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")

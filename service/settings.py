@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     # Adapters loaded in model memory at once; the rest stay in the store and load on first use (LRU).
     max_resident_adapters: int = Field(default=64, ge=1)
+    # Input limits: each exceeded limit is a clear 4xx, never a crash or an out-of-memory.
+    max_adapters: int = Field(default=10_000, ge=1)  # registered in the store
+    max_adapter_rank: int = Field(default=256, ge=1)
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_new_tokens: int = Field(default=4096, ge=1)
+    max_request_body_bytes: int = Field(default=8 * MiB, gt=0)  # JSON bodies (uploads: max_upload_bytes)
     demo_cache: Path = Field(default_factory=_default_demo_cache)
     # Directories that POST /v1/load_lora_adapter may read adapters from (empty: path loading disabled).
     lora_roots: list[Path] = Field(default_factory=list)

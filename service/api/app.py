@@ -28,12 +28,14 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = load_base_model(settings)
+        runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank)
         engine = Engine(
-            base.model, base.tokenizer, AdapterRuntime(base.model), max_batch_size=settings.max_batch_size,
+            base.model, base.tokenizer, runtime, max_batch_size=settings.max_batch_size,
             max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget,
         )
         adapters = AdapterManager(
-            AdapterStore(settings.store), engine, settings.max_upload_bytes, settings.max_resident_adapters, metrics
+            AdapterStore(settings.store), engine, settings.max_upload_bytes, settings.max_resident_adapters, metrics,
+            max_adapters=settings.max_adapters,
         )
         adapters.restore()
         metrics.bind(
@@ -53,7 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="adapter-service", version="0.1.0", lifespan=lifespan)
     app.state.api_keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)  # fails fast
     install_error_handlers(app)
-    install_request_middleware(app, metrics)
+    install_request_middleware(app, metrics, settings.max_request_body_bytes)
     for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics):
         app.include_router(module.router)
     return app

@@ -31,6 +31,7 @@ async def generate_events(
 ) -> AsyncIterator[TokenEvent | GenerationResult]:
     """Token events then the result. Admission errors (404, 429) raise before the first event, so a
     streaming handler can still answer with a status code; the row is freed when the iterator closes."""
+    _check_limits(state, request)
     timeout = state.settings.request_timeout_s
     serving = state.adapters.serving(request.adapter_id)
     await serving.__aenter__()
@@ -41,6 +42,18 @@ async def generate_events(
         await serving.__aexit__(None, None, None)
         raise
     return _events(state, request, handle, serving, time.perf_counter() + timeout, timeout)
+
+
+def _check_limits(state: ServiceState, request: GenerationRequest) -> None:
+    settings = state.settings
+    if len(request.prompt_ids) > settings.max_prompt_tokens:
+        raise ApiError(422, "prompt_too_long", f"the prompt has {len(request.prompt_ids)} tokens; the limit is "
+                       f"{settings.max_prompt_tokens}", {"max_prompt_tokens": settings.max_prompt_tokens})
+    if not request.prompt_ids:
+        raise ApiError(422, "empty_prompt", "the prompt is empty")
+    if request.params.max_new_tokens > settings.max_new_tokens:
+        raise ApiError(422, "max_new_tokens_too_large", f"at most {settings.max_new_tokens} new tokens per request",
+                       {"max_new_tokens": settings.max_new_tokens})
 
 
 async def _events(state, request, handle: RequestHandle, serving, deadline: float, timeout: float):

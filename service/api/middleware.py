@@ -8,16 +8,18 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from ..logging_setup import request_id_var
 from ..metrics import ServiceMetrics
+from .errors import error_body
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = logging.getLogger("service.access")
 
 
-def install_request_middleware(app: FastAPI, metrics: ServiceMetrics) -> None:
+def install_request_middleware(app: FastAPI, metrics: ServiceMetrics, max_body_bytes: int) -> None:
     @app.middleware("http")
     async def request_context(request: Request, call_next):
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
@@ -25,7 +27,7 @@ def install_request_middleware(app: FastAPI, metrics: ServiceMetrics) -> None:
         token = request_id_var.set(request_id)
         start, status = time.perf_counter(), 500
         try:
-            response = await call_next(request)
+            response = _body_too_large(request, max_body_bytes) or await call_next(request)
             status = response.status_code
             response.headers[REQUEST_ID_HEADER] = request_id
             return response
@@ -40,3 +42,15 @@ def install_request_middleware(app: FastAPI, metrics: ServiceMetrics) -> None:
                      extra={"method": request.method, "path": request.url.path, "status": status,
                             "duration_ms": round(elapsed * 1000, 3), "adapter": adapter})
             request_id_var.reset(token)
+
+
+def _body_too_large(request: Request, limit: int) -> JSONResponse | None:
+    """413 for a JSON body over the limit, judged by Content-Length before anything is read (multipart
+    uploads have their own, larger limit)."""
+    length = request.headers.get("content-length", "")
+    if request.headers.get("content-type", "").startswith("multipart/") or not length.isdigit():
+        return None
+    if int(length) <= limit:
+        return None
+    return JSONResponse(error_body("body_too_large", f"request body exceeds {limit} bytes", {"max_bytes": limit}),
+                        status_code=413)

@@ -60,7 +60,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex) -> AdapterPlan:
+def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank: int | None = None) -> AdapterPlan:
     """Build the plan or raise AdapterValidationError carrying the report. Reads no tensor data."""
     report = LoadReport(adapter_id=adapter_id)
     config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
@@ -89,6 +89,9 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex) -> Adapt
     _plan_lora(plan, index, keys, used)
     _plan_replacements(plan, index, keys, used)
     report.unexpected_keys = sorted(keys[k][0] for k in keys.keys() - used)
+    too_large = sorted({t.rank for t in plan.lora_targets if max_rank is not None and t.rank > max_rank})
+    if too_large:
+        report.config_errors.append(f"rank {too_large[-1]} exceeds this server's limit of {max_rank}")
     if not plan.lora_targets and not report.unsupported:
         report.config_errors.append(
             f"target_modules {cfg.target_modules!r} match no module of the model"

@@ -67,8 +67,9 @@ def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
 class AdapterRuntime:
     """Serves any mix of loaded adapters on one base model."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, max_rank: int | None = None) -> None:
         self.model = model.eval()
+        self.max_rank = max_rank
         self.index = ModelIndex.from_model(model)
         self.router = Router()
         self.adapters: dict[str, LoadedAdapter] = {}
@@ -79,7 +80,7 @@ class AdapterRuntime:
 
     def inspect(self, adapter_id: str, adapter_dir: Path) -> LoadReport:
         """Validate fully (tensors included) without changing anything; raises AdapterValidationError."""
-        plan = plan_adapter(adapter_id, adapter_dir, self.index)
+        plan = plan_adapter(adapter_id, adapter_dir, self.index, self.max_rank)
         self._build(plan)
         return plan.report
 
@@ -93,7 +94,7 @@ class AdapterRuntime:
         Only reads the pristine index and base weights, so it may run on another thread while the owner
         runs forward passes.
         """
-        return self._build(plan_adapter(adapter_id, adapter_dir, self.index))
+        return self._build(plan_adapter(adapter_id, adapter_dir, self.index, self.max_rank))
 
     def attach(self, loaded: LoadedAdapter) -> LoadedAdapter:
         """Put a prepared adapter into the model; cannot fail half-way for a prepared adapter."""
