@@ -21,7 +21,10 @@ def _allowed_path(state, raw: str) -> Path:
     if not roots:
         raise ApiError(403, "path_loading_disabled",
                        "loading adapters from server paths is disabled; start the server with --lora-root DIR")
-    path = Path(raw).expanduser().resolve()
+    try:
+        path = Path(raw).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # unknown ~user, NUL byte, symlink loop, too long
+        raise ApiError(422, "invalid_path", f"'{raw}' is not a usable path: {exc}") from None
     if not any(path == root or path.is_relative_to(root) for root in roots):
         raise ApiError(403, "path_not_allowed", f"'{raw}' is outside the allowed roots",
                        {"allowed_roots": [str(r) for r in roots]})

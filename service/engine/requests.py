@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Scores are divided by the temperature in float32; a smaller temperature would round to 0 there (0/0 = NaN),
+# and sampling at it is the greedy limit anyway.
+GREEDY_BELOW = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
     seed: int | None = None
@@ -17,7 +21,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -23,7 +23,10 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
     """logits: (V,) float for one row."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # Shift so the best score is 0 before dividing: a tiny temperature then sends the rest to -inf (the greedy
+    # limit) instead of overflowing every score to inf, which made softmax NaN (a 500 found by fuzzing).
+    scores = logits.float()
+    scores = (scores - scores.max()) / params.temperature
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -32,6 +35,7 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
         # drop tokens once the mass before them already reaches top_p (the first token always stays)
         drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
+        drop[0] = False  # explicitly: a top_p that rounds to 0 in float32 would drop it too (all -inf: NaN)
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
