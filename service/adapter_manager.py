@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from .api.errors import ApiError
 from .engine import Engine
+from .failpoints import failpoint
 from .merging import MergeError, MergeSpec, merge
 from .merging.adapter_files import write_peft_adapter
 from .merging.export import MergedCheckpoint, stream_checkpoint_tar
@@ -86,6 +87,7 @@ class AdapterManager:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._room = asyncio.Condition()  # notified whenever a resident adapter may have become evictable
         self._slots_reserved = 0  # loads that passed _make_room but have not attached yet
+        self._activation = asyncio.Lock()
 
     # ---- start-up --------------------------------------------------------------------------------------
 
@@ -257,6 +259,7 @@ class AdapterManager:
                 raise ApiError(422, "incompatible_sources", str(exc), {"reasons": exc.reasons}) from None
             with tempfile.TemporaryDirectory(dir=self.store.staging) as tmp:  # cleaned at start-up too
                 directory = await asyncio.to_thread(write_peft_adapter, merged, Path(tmp))
+                failpoint("merge.written")
                 return await self._create(adapter_id, lambda: self.store.stage_directory(directory))
         finally:
             self._reserved.discard(adapter_id)
@@ -300,6 +303,7 @@ class AdapterManager:
                 loaded = await self.engine.call(lambda rt: rt.attach(prepared))
             finally:
                 self._slots_reserved -= 1
+            failpoint("upload.attached")
             load_ms = (time.perf_counter() - start) * 1000
             self.metrics.load_seconds.observe(load_ms / 1000)
             summary = {**loaded.config.summary(), "rank": loaded.rank}
@@ -320,8 +324,15 @@ class AdapterManager:
     async def activate(self, adapter_id: str | None, fuse: bool = False) -> str | None:
         """Make an adapter the default (None: the base model). With `fuse`, its requests run on merged weights
         at bare-model speed; any other fused adapter is unfused first."""
-        if adapter_id is not None:
+        async with self._activation:  # one at a time, so the engine, the store and `active` agree
+            if adapter_id is None:
+                await self.engine.call(lambda rt: (rt.activate(None), rt.unfuse()))
+                await asyncio.to_thread(self.store.set_active, None, False)
+                self.active, self.fused = None, False
+                return None
             self.get(adapter_id)
+            # The serving lease lasts until `active` is set: a concurrent delete waits for it, then sees
+            # the adapter active and deactivates it (it never stays active once deleted).
             async with self.serving(adapter_id):
                 await self.ensure_resident(adapter_id)
 
@@ -333,11 +344,9 @@ class AdapterManager:
                         rt.unfuse()
 
                 await self.engine.call(switch)
-        else:
-            await self.engine.call(lambda rt: (rt.activate(None), rt.unfuse()))
-        await asyncio.to_thread(self.store.set_active, adapter_id, fuse)
-        self.active, self.fused = adapter_id, fuse and adapter_id is not None
-        return adapter_id
+                await asyncio.to_thread(self.store.set_active, adapter_id, fuse)
+                self.active, self.fused = adapter_id, fuse
+            return adapter_id
 
     async def delete(self, adapter_id: str) -> int:
         record = self.get(adapter_id)
@@ -349,11 +358,14 @@ class AdapterManager:
             if self._in_flight.get(adapter_id):
                 event = self._idle.setdefault(adapter_id, asyncio.Event())
                 await event.wait()
+            if self.active == adapter_id:  # an activation that was in flight has just finished
+                await self.activate(None)
             async with self._load_locks.setdefault(adapter_id, asyncio.Lock()):  # no load in progress
                 freed = 0
                 if record.loaded is not None:
                     record.loaded = None
                     freed = await self.engine.call(lambda rt: rt.delete(adapter_id))
+            failpoint("delete.detached")
             await asyncio.to_thread(self.store.delete, adapter_id)
             del self.records[adapter_id]
             self.metrics.delete_seconds.observe(time.perf_counter() - start)

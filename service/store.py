@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from service.failpoints import failpoint
 from service.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from service.store_errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, StoreError
 from service.store_upload import ACCEPTED_NAMES, file_digest, receive_upload
@@ -142,6 +143,12 @@ class AdapterStore:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+        # A pointer to an adapter that is gone (a crash between a delete's rename and the pointer update) is
+        # dropped now: left in place, it would make a later adapter under the same id active at a restart.
+        active = self._read_active()
+        if active is not None and not self.exists(active):
+            logger.warning("active adapter %r is not in the store; unsetting it", active)
+            self._write_active(None)
 
     # ----- uploads -----
 
@@ -156,6 +163,7 @@ class AdapterStore:
             receive_upload(files, staged, max_bytes)
             size, sha = file_digest(staged / WEIGHTS_FILE)
             config_size, config_sha = file_digest(staged / CONFIG_FILE)
+            failpoint("stage.done")
             return StagedAdapter(staged, sha, size, config_sha, config_size)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
@@ -193,6 +201,7 @@ class AdapterStore:
             # Data must be durable before the rename publishes the directory.
             for name in (*ACCEPTED_NAMES, MANIFEST_FILE):
                 _fsync_path(staged.path / name)
+            failpoint("commit.before_rename")
             try:
                 # Fails on a non-empty target, so a concurrent commit of the same id cannot be overwritten.
                 os.rename(staged.path, target)
@@ -202,6 +211,7 @@ class AdapterStore:
                     raise AdapterExistsError(adapter_id) from exc
                 raise
             _fsync_path(self.root)
+            failpoint("commit.after_rename")
         logger.info("stored adapter %s (%d bytes)", adapter_id, record.size_bytes)
         return record
 
@@ -256,6 +266,7 @@ class AdapterStore:
             except FileNotFoundError as exc:
                 raise AdapterNotFoundError(adapter_id) from exc
             _fsync_path(self.root)
+            failpoint("delete.in_trash")
             if self._read_active() == adapter_id:
                 self._write_active(None)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -304,6 +315,7 @@ class AdapterStore:
                 json.dump({"active": adapter_id, **({"fused": True} if fused else {})}, f)
                 f.flush()
                 os.fsync(f.fileno())
+            failpoint("active.temp_written")
             os.replace(tmp, self.root / ACTIVE_FILE)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from service.failpoints import failpoint
 from service.store_errors import InvalidUploadError, UploadTooLargeError
 
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE
@@ -58,6 +59,7 @@ def copy_stream(src: BinaryIO, dst: Path, budget: int, limit: int, what: str = "
             if size > budget:
                 raise UploadTooLargeError(limit, what)
             out.write(chunk)
+            failpoint("stage.partial")
     return size
 
 
