@@ -51,6 +51,9 @@ def _check_limits(state: ServiceState, request: GenerationRequest) -> None:
                        f"{settings.max_prompt_tokens}", {"max_prompt_tokens": settings.max_prompt_tokens})
     if not request.prompt_ids:
         raise ApiError(422, "empty_prompt", "the prompt is empty")
+    vocab = state.base.model.config.get_text_config().vocab_size  # the embedding may be wrapped by an adapter
+    if not all(0 <= token < vocab for token in request.prompt_ids):  # token ids sent by OpenAI clients
+        raise ApiError(422, "invalid_token_id", f"prompt token ids must lie in [0, {vocab})", {"vocab_size": vocab})
     if request.params.max_new_tokens > settings.max_new_tokens:
         raise ApiError(422, "max_new_tokens_too_large", f"at most {settings.max_new_tokens} new tokens per request",
                        {"max_new_tokens": settings.max_new_tokens})

@@ -66,7 +66,16 @@ class ContinuousBatcher:
         self._drop_finished()
         admitted = self._take_admissible()
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as exc:
+                # Rows that never reached `running` are in no list `fail_all` sees: fail them here, or their
+                # callers would wait until their timeout.
+                for s in admitted:
+                    if s not in self.running:
+                        s.finish_reason = "error"
+                        s.emit(exc)
+                raise
         if self.running:
             self._decode_step()
         self._drop_finished()  # finished rows leave now, not at the next step

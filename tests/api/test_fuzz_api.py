@@ -29,7 +29,7 @@ from .conftest import upload
 from .server import ServerProcess
 
 FUZZ_ADAPTER = "fuzz"
-EXAMPLES_PER_OPERATION = 60
+EXAMPLES_PER_OPERATION = 100
 LIMITS = (
     "--max-new-tokens", "4", "--max-prompt-tokens", "64", "--max-request-body-bytes", "65536",
     "--max-upload-bytes", str(1024 * 1024), "--max-adapters", "8", "--max-adapter-rank", "16",
