@@ -68,6 +68,7 @@ def check_consistent(server: ServerProcess, store: Path, expected: Expected) -> 
     assert leftovers(store) == [], "restart must clean .staging/ and .trash/"
     on_disk = {p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert on_disk == expected.present
+    assert {p.name for p in store.iterdir() if not p.is_dir()} <= {"active.json"}
     listed = server.client.get("/adapters").json()
     assert {a["id"] for a in listed["adapters"]} == expected.present
     assert listed["active"] == expected.active
