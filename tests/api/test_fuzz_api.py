@@ -1,7 +1,7 @@
 """Schemathesis fuzzes every operation of the OpenAPI schema against the real server: never a 5xx.
 
 The server runs as a child process with low limits (a few new tokens, short prompts, small bodies) so that
-generation calls stay cheap, and with one real adapter (`fuzz`) and a `--lora-root` so that generated
+generation calls stay cheap, and with two real adapters (`fuzz`, `fuzz-embed`) and a `--lora-root` so that generated
 requests reach the adapter and path-loading code, not only the 404/403 branches. Each operation gets
 a bounded number of valid (positive) and invalid (negative) cases, derandomized: the same cases every run.
 
@@ -12,6 +12,7 @@ rather than `schemathesis.pytest.from_fixture`, whose lazy loader does not run u
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from service.settings import Settings
 from .conftest import upload
 from .server import ServerProcess
 
-FUZZ_ADAPTER = "fuzz"
-EXAMPLES_PER_OPERATION = 100
+# Real adapters the fuzzed requests are steered at: LoRA on attention, and LoRA on the embedding plus a
+# trained lm_head copy (wrapped embedding and replaced module paths).
+FUZZ_ADAPTERS = {"fuzz": "alpha", "fuzz-embed": "beta"}
+EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 LIMITS = (
     "--max-new-tokens", "4", "--max-prompt-tokens", "64", "--max-request-body-bytes", "65536",
     "--max-upload-bytes", str(1024 * 1024), "--max-adapters", "8", "--max-adapter-rank", "16",
@@ -45,7 +48,8 @@ OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 def fuzz_server(model_dir, adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     lora_root = root / "lora-root"
-    shutil.copytree(adapters["alpha"], lora_root / FUZZ_ADAPTER)  # something /v1/load_lora_adapter may load
+    for name, source in FUZZ_ADAPTERS.items():  # something /v1/load_lora_adapter may load
+        shutil.copytree(adapters[source], lora_root / name)
     proc = ServerProcess(model_dir, root / "store", *LIMITS, "--lora-root", str(lora_root))
     proc.lora_root = lora_root
     yield proc
@@ -53,10 +57,11 @@ def fuzz_server(model_dir, adapters, tmp_path_factory):
 
 
 @pytest.fixture()
-def fuzz_adapter(fuzz_server, adapters) -> None:
-    """The real adapter is there at the start of every operation's run (an earlier DELETE may have hit it)."""
-    if fuzz_server.client.get(f"/adapters/{FUZZ_ADAPTER}").status_code == 404:
-        assert upload(fuzz_server.client, adapters["alpha"], FUZZ_ADAPTER).status_code == 201
+def fuzz_adapters(fuzz_server, adapters) -> None:
+    """The real adapters are there at the start of every operation's run (an earlier DELETE may have hit them)."""
+    for name, source in FUZZ_ADAPTERS.items():
+        if fuzz_server.client.get(f"/adapters/{name}").status_code == 404:
+            assert upload(fuzz_server.client, adapters[source], name).status_code == 201
 
 
 def test_fuzzed_schema_is_the_served_schema(fuzz_server):
@@ -85,10 +90,10 @@ def steer(case, name: str, lora_root: Path, path_kind: int) -> None:
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[op.label for op in OPERATIONS])
-def test_no_operation_answers_a_server_error(operation, fuzz_server, fuzz_adapter):
+def test_no_operation_answers_a_server_error(operation, fuzz_server, fuzz_adapters):
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
     # None: send the case as generated; else steer it at an adapter name ("base" is the base model).
-    steering = st.sampled_from([None, FUZZ_ADAPTER, "base"])
+    steering = st.sampled_from([None, *FUZZ_ADAPTERS, "base"])
 
     @settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
