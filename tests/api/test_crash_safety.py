@@ -107,16 +107,11 @@ def _crashes(adapters: dict[str, Path]) -> list[Crash]:
     def add(adapter_id: str) -> Callable[[Expected], None]:
         return lambda expected: expected.present.add(adapter_id)
 
-    def remove(adapter_id: str) -> Callable[[Expected], None]:
+    def remove(adapter_id: str, was_active: bool = False) -> Callable[[Expected], None]:
         def change(expected: Expected) -> None:
             expected.present.discard(adapter_id)
-            expected.active = None if expected.active == adapter_id else expected.active
-        return change
-
-    def deleted_while_active(adapter_id: str) -> Callable[[Expected], None]:
-        def change(expected: Expected) -> None:
-            expected.present.discard(adapter_id)
-            expected.active = None
+            if was_active:
+                expected.active = None
         return change
 
     def activate_then_delete_beta(server: ServerProcess) -> object:
@@ -139,7 +134,7 @@ def _crashes(adapters: dict[str, Path]) -> list[Crash]:
         Crash("delete.detached", lambda s: s.client.delete("/adapters/gamma"), False, unchanged),
         Crash("delete.in_trash", lambda s: s.client.delete("/adapters/gamma"), True, remove("gamma")),
         # Deleting the active adapter: it is deactivated (and that persisted) before its files move.
-        Crash("delete.in_trash", activate_then_delete_beta, True, deleted_while_active("beta")),
+        Crash("delete.in_trash", activate_then_delete_beta, True, remove("beta", was_active=True)),
     ]
 
 
