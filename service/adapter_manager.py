@@ -86,7 +86,7 @@ class AdapterManager:
         self._idle: dict[str, asyncio.Event] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._room = asyncio.Condition()  # notified whenever a resident adapter may have become evictable
-        self._slots_reserved = 0  # loads that passed _make_room but have not attached yet
+        self._slots_reserved = 0  # loads that passed _make_room but are not registered as resident yet
         self._activation = asyncio.Lock()
 
     # ---- start-up --------------------------------------------------------------------------------------
@@ -162,8 +162,7 @@ class AdapterManager:
                 event = self._idle.get(adapter_id)
                 if event is not None:
                     event.set()
-                async with self._room:
-                    self._room.notify_all()
+                await self._room_changed()
 
     # ---- residency -----------------------------------------------------------------------------------------
 
@@ -185,7 +184,7 @@ class AdapterManager:
             try:
                 record.loaded = await self.engine.call(lambda rt: rt.attach(prepared))
             finally:
-                self._slots_reserved -= 1
+                await self._release_slot()
             record.load_ms = (time.perf_counter() - start) * 1000
             self.metrics.load_seconds.observe(record.load_ms / 1000)
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
@@ -194,7 +193,7 @@ class AdapterManager:
         """Reserve a resident slot, evicting the least recently used idle adapter when all are taken.
 
         When every resident adapter is in use, wait until one becomes idle: memory stays bounded by the
-        limit. The caller must release the reservation (`_slots_reserved -= 1`) once attached or failed.
+        limit. The caller must release the reservation (`_release_slot`) once the adapter is registered or failed.
         """
         async with self._room:
             while self.resident_count + self._slots_reserved >= self.max_resident:
@@ -211,6 +210,16 @@ class AdapterManager:
                 await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
                 log.info("evicted adapter %s (least recently used)", victim.id)
             self._slots_reserved += 1
+
+    async def _release_slot(self) -> None:
+        """Give back a `_make_room` reservation once its adapter counts as resident (or failed to load)."""
+        self._slots_reserved -= 1
+        await self._room_changed()  # fewer reserved, or the new adapter is idle and evictable
+
+    async def _room_changed(self) -> None:
+        """Wake the loads waiting in `_make_room` to count again (a slot or an evictable adapter may be free)."""
+        async with self._room:
+            self._room.notify_all()
 
     # ---- changes -----------------------------------------------------------------------------------------
 
@@ -299,22 +308,22 @@ class AdapterManager:
             start = time.perf_counter()
             prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
             await self._make_room(keep=adapter_id)
-            try:
+            try:  # the slot stays reserved until the record exists: till then it is not counted as resident
                 loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+                failpoint("upload.attached")
+                load_ms = (time.perf_counter() - start) * 1000
+                self.metrics.load_seconds.observe(load_ms / 1000)
+                summary = {**loaded.config.summary(), "rank": loaded.rank}
+                try:
+                    stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
+                except BaseException:
+                    await self.engine.call(lambda rt: rt.delete(adapter_id))
+                    raise
+                staged = None
+                record = AdapterRecord(stored, loaded, time.monotonic(), load_ms)
+                self.records[adapter_id] = record
             finally:
-                self._slots_reserved -= 1
-            failpoint("upload.attached")
-            load_ms = (time.perf_counter() - start) * 1000
-            self.metrics.load_seconds.observe(load_ms / 1000)
-            summary = {**loaded.config.summary(), "rank": loaded.rank}
-            try:
-                stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
-            except BaseException:
-                await self.engine.call(lambda rt: rt.delete(adapter_id))
-                raise
-            staged = None
-            record = AdapterRecord(stored, loaded, time.monotonic(), load_ms)
-            self.records[adapter_id] = record
+                await self._release_slot()
             log.info("adapter %s loaded (%d bytes resident, %.1f ms)", adapter_id, loaded.resident_bytes, load_ms)
             return record
         finally:
@@ -365,6 +374,7 @@ class AdapterManager:
                 if record.loaded is not None:
                     record.loaded = None
                     freed = await self.engine.call(lambda rt: rt.delete(adapter_id))
+                    await self._room_changed()
             failpoint("delete.detached")
             await asyncio.to_thread(self.store.delete, adapter_id)
             del self.records[adapter_id]
