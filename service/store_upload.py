@@ -119,8 +119,8 @@ def receive_upload(files: Iterable[tuple[str, BinaryIO]], dest: Path, max_bytes:
         )
     try:
         config = json.loads((dest / CONFIG_FILE).read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidUploadError(f"{CONFIG_FILE} is not valid JSON: {exc}", {"file": CONFIG_FILE}) from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise InvalidUploadError(f"{CONFIG_FILE} is not valid JSON: {exc}", {"file": CONFIG_FILE}) from None
     if not isinstance(config, dict):
         raise InvalidUploadError(f"{CONFIG_FILE} must hold a JSON object", {"file": CONFIG_FILE})
 

@@ -63,7 +63,7 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
     """Return (config or None, errors, unsupported); the config is None whenever errors is non-empty."""
     try:
         raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         return None, [f"adapter_config.json is not valid JSON: {exc}"], []
     if not isinstance(raw, dict):
         return None, ["adapter_config.json must hold a JSON object"], []

@@ -45,7 +45,7 @@ def read_header(path: Path) -> dict[str, TensorHeader]:
             raise SafetensorsFormatError(f"header length {header_len} does not fit a file of {size} bytes")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
             raise SafetensorsFormatError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError("header is not a JSON object")
@@ -54,11 +54,9 @@ def read_header(path: Path) -> dict[str, TensorHeader]:
     tensors: dict[str, TensorHeader] = {}
     end_max = 0
     for key, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsFormatError(f"tensor '{key}' has a malformed header entry") from None
+        if not _well_formed(entry):
+            raise SafetensorsFormatError(f"tensor '{key}' has a malformed header entry")
+        dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         if dtype not in _DTYPE_SIZES:
             raise SafetensorsFormatError(f"tensor '{key}' has unknown dtype {dtype}")
         numel = 1
@@ -76,6 +74,16 @@ def read_header(path: Path) -> dict[str, TensorHeader]:
     if end_max != data_len:
         raise SafetensorsFormatError(f"data section is {data_len} bytes but tensors cover {end_max}")
     return tensors
+
+
+def _well_formed(entry: object) -> bool:
+    """A string dtype, a list of int dims and a list of two int offsets (as the safetensors format says)."""
+
+    def ints(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape"))
+            and ints(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
