@@ -379,6 +379,7 @@ class AdapterManager:
             await asyncio.to_thread(self.store.delete, adapter_id)
             del self.records[adapter_id]
             self.metrics.delete_seconds.observe(time.perf_counter() - start)
+            self.metrics.forget_adapter(adapter_id)
             log.info("adapter %s deleted (%d bytes freed)", adapter_id, freed)
             return freed
         finally:

@@ -30,6 +30,8 @@ class ServiceMetrics:
         self.adapters_resident = Gauge("adapter_service_adapters_resident", "Adapters in model memory", registry=r)
         self.adapters_registered = Gauge("adapter_service_adapters_registered", "Adapters in the store", registry=r)
         self.adapter_bytes = Gauge("adapter_service_adapter_bytes", "Bytes held by resident adapters", registry=r)
+        self._per_adapter = ((self.requests, ("endpoint", "method", "status", "adapter")),
+                             (self.ttft, ("adapter",)), (self.tokens, ("adapter",)))
 
     def bind(
         self, queue_depth: Callable[[], float], batch_size: Callable[[], float], resident: Callable[[], float],
@@ -41,6 +43,15 @@ class ServiceMetrics:
         self.adapters_resident.set_function(resident)
         self.adapters_registered.set_function(registered)
         self.adapter_bytes.set_function(adapter_bytes)
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        """Drop a deleted adapter's series: the series of every adapter id ever used would otherwise pile up
+        (memory grows with each uploaded-and-deleted adapter)."""
+        for metric, label_names in self._per_adapter:
+            stale = {tuple(sample.labels[n] for n in label_names) for family in metric.collect()
+                     for sample in family.samples if sample.labels.get("adapter") == adapter_id}
+            for values in stale:
+                metric.remove(*values)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
