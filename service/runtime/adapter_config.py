@@ -8,6 +8,7 @@ explicitly instead of being silently ignored.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,7 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
     """Return (config or None, errors, unsupported); the config is None whenever errors is non-empty."""
     try:
         raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+    except (ValueError, RecursionError) as exc:  # also: nested too deeply, an int with thousands of digits
         return None, [f"adapter_config.json is not valid JSON: {exc}"], []
     if not isinstance(raw, dict):
         return None, ["adapter_config.json must hold a JSON object"], []
@@ -90,9 +91,11 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
 
     cfg = LoraAdapterConfig(raw=raw, peft_type=str(peft_type or "").upper())
     cfg.r = typed("r", (int,), 8)
-    if cfg.r <= 0:
-        errors.append(f"r must be positive, got {cfg.r}")
+    if cfg.r <= 0 or not _finite(cfg.r):
+        errors.append(f"r must be a positive number that fits a float, got {cfg.r!r:.40}")
     cfg.lora_alpha = typed("lora_alpha", (int, float), 8)
+    if not _finite(cfg.lora_alpha):
+        errors.append(f"lora_alpha must be a finite number that fits a float, got {cfg.lora_alpha!r:.40}")
     cfg.use_rslora = typed("use_rslora", (bool,), False)
     cfg.use_dora = typed("use_dora", (bool,), False)
     cfg.lora_bias = typed("lora_bias", (bool,), False)
@@ -141,6 +144,8 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
         setattr(cfg, name, dict(pattern))
     if any(v <= 0 for v in cfg.rank_pattern.values()):
         errors.append("rank_pattern ranks must be positive")
+    if not all(_finite(v) for v in (*cfg.rank_pattern.values(), *cfg.alpha_pattern.values())):
+        errors.append("rank_pattern and alpha_pattern values must be finite numbers that fit a float")
 
     bias = raw.get("bias", "none")
     if bias not in (None, "none"):
@@ -162,6 +167,14 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
     if errors:
         return None, errors, unsupported
     return cfg, errors, unsupported
+
+
+def _finite(value: float) -> bool:
+    """False for NaN, infinities and ints too large for a float: the LoRA scaling would be NaN or overflow."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _string_or_list(raw: dict[str, Any], name: str, errors: list[str]) -> list[str] | str | None:

@@ -8,6 +8,7 @@ never show up as "missing".
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,8 +87,12 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
     keys = _strip_prefix(header, report)
     plan = AdapterPlan(adapter_id, cfg, report, weights_path)
     used: set[str] = set()
-    _plan_lora(plan, index, keys, used)
-    _plan_replacements(plan, index, keys, used)
+    try:
+        _plan_lora(plan, index, keys, used)
+        _plan_replacements(plan, index, keys, used)
+    except re.error as exc:  # target_modules, exclude_modules, modules_to_save and patterns are regexes
+        report.config_errors.append(f"a module pattern is not a valid regular expression ({exc}): {exc.pattern!r}")
+        raise AdapterValidationError(report) from None
     report.unexpected_keys = sorted(keys[k][0] for k in keys.keys() - used)
     too_large = sorted({t.rank for t in plan.lora_targets if max_rank is not None and t.rank > max_rank})
     if too_large:

@@ -35,7 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from service.peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
-from service.runtime import AdapterError, AdapterRuntime
+from service.runtime import AdapterError, AdapterRuntime, AdapterValidationError
 from service.store import AdapterStore
 from service.store_errors import StoreError
 
@@ -146,7 +146,7 @@ def _deep(depth: int, kind: str) -> str:
 @st.composite
 def corrupt_config(draw, config: bytes) -> bytes:
     doc = json.loads(config)
-    kind = draw(st.sampled_from(["set", "set", "delete", "deep", "whole", "raw", "truncate"]))
+    kind = draw(st.sampled_from(["set", "set", "set", "delete", "deep", "digits", "whole", "raw", "truncate"]))
     if kind == "set":
         for _ in range(draw(st.integers(1, 3))):
             doc[draw(CONFIG_KEYS | st.text(max_size=8))] = draw(JSON_VALUES)
@@ -156,6 +156,8 @@ def corrupt_config(draw, config: bytes) -> bytes:
         text = json.dumps(doc)[:-1] + f', "{draw(CONFIG_KEYS)}": ' + _deep(draw(st.sampled_from([50, 5000, 100_000])),
                                                                         draw(st.sampled_from(["list", "dict"]))) + "}"
         return text.encode()
+    elif kind == "digits":  # more digits than Python converts to an int by default
+        return (json.dumps(doc)[:-1] + f', "{draw(CONFIG_KEYS)}": 1' + "0" * 5000 + "}").encode()
     elif kind == "whole":
         return json.dumps(draw(JSON_VALUES)).encode()
     elif kind == "raw":
@@ -184,7 +186,8 @@ def corrupt_header(draw, weights: bytes) -> bytes:
     header, data = _split(weights)
     keys = sorted(k for k in header if k != "__metadata__")
     key = draw(st.sampled_from(keys))
-    kind = draw(st.sampled_from(["dtype", "shape", "offsets", "entry", "drop", "add", "rename", "metadata", "whole"]))
+    kind = draw(st.sampled_from(["dtype", "shape", "offsets", "entry", "drop", "add", "rename", "metadata", "whole",
+                                 "digits"]))
     if kind == "dtype":
         header[key]["dtype"] = draw(DTYPE_NAMES | JSON_VALUES)
     elif kind == "shape":
@@ -206,6 +209,9 @@ def corrupt_header(draw, weights: bytes) -> bytes:
             header.pop(key))
     elif kind == "metadata":
         header["__metadata__"] = draw(JSON_VALUES)
+    elif kind == "digits":
+        raw = json.dumps(header).replace('"shape": [', '"shape": [1' + "0" * 5000 + ", ", 1).encode()
+        return struct.pack("<Q", len(raw)) + raw + data
     else:
         header = draw(JSON_VALUES)
     return _join(header, data)
@@ -275,6 +281,49 @@ def corrupted_adapter(draw, sources: dict[str, tuple[bytes, bytes]]) -> tuple[by
     elif target.endswith("tensors"):
         weights = draw(corrupt_tensors(weights))
     return config, weights
+
+
+# ---- regressions: what the fuzzing found, each as a plain example --------------------------------------------
+
+FOUND = {
+    "alpha too large for a float": {"lora_alpha": 10**400},
+    "alpha NaN": {"lora_alpha": math.nan},
+    "alpha inf": {"lora_alpha": math.inf},
+    "rank too large for a float (rsLoRA sqrt)": {"r": 10**400, "use_rslora": True},
+    "alpha_pattern too large": {"alpha_pattern": {"q_proj": 10**400}},
+    "target_modules not a regex": {"target_modules": "("},
+    "exclude_modules not a regex": {"exclude_modules": "["},
+    "modules_to_save not a regex": {"modules_to_save": ["("]},
+    "rank_pattern key not a regex": {"rank_pattern": {"(": 4}},
+    "layers_pattern not a regex": {"layers_pattern": "(", "layers_to_transform": [0]},
+}
+
+
+@pytest.mark.parametrize("change", FOUND.values(), ids=FOUND.keys())
+def test_config_values_found_by_fuzzing_are_typed_errors(world, sources, tmp_path, change) -> None:
+    config = {**json.loads(sources["lora"][0]), **change}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    (tmp_path / WEIGHTS_FILE).write_bytes(sources["lora"][1])
+    with pytest.raises(AdapterValidationError) as info:
+        world.runtime.load("fuzzed", tmp_path)
+    assert info.value.report.config_errors
+    world.assert_unchanged()
+
+
+@pytest.mark.parametrize("text", [b"[" * 100_000 + b"]" * 100_000, b'{"r": 1' + b"0" * 5000 + b"}"],
+                         ids=["nested too deeply", "int with 5000 digits"])
+def test_unparseable_json_is_a_typed_error(world, sources, tmp_path, text) -> None:
+    (tmp_path / CONFIG_FILE).write_bytes(text)
+    (tmp_path / WEIGHTS_FILE).write_bytes(sources["lora"][1])
+    with pytest.raises(AdapterValidationError):
+        world.runtime.load("fuzzed", tmp_path)
+    (tmp_path / CONFIG_FILE).write_bytes(sources["lora"][0])
+    (tmp_path / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(AdapterValidationError):
+        world.runtime.load("fuzzed", tmp_path)
+    with pytest.raises(StoreError):
+        world.store.stage_files([(CONFIG_FILE, io.BytesIO(text)), (WEIGHTS_FILE, io.BytesIO(b""))], MAX_UPLOAD)
+    world.assert_unchanged()
 
 
 # ---- the properties -----------------------------------------------------------------------------------------
