@@ -36,6 +36,21 @@ POOL_SHAPES = ((16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, ("q_proj", "
                (64, ("o_proj", "down_proj")))
 
 
+INTRO = """\
+`python -m bench.soak` (bounded version: `tests/api/test_soak.py`) starts a real server and runs clients that
+upload, activate, delete, list and generate (plain and streaming) at random (seeded), while some clients hang
+up after the first few streamed tokens or right after sending their request, and others activate an adapter
+while deleting it. Every answer is checked: no 5xx; no lost adapter (a 404 for an adapter the clients
+uploaded and have not started deleting, or one missing from `GET /adapters` at the end); no hang (every
+request answers, nothing is left running); streams end with their final event. Then every adapter is
+deleted and the whole pool is uploaded, used and deleted again several times: memory after each cycle must
+stay flat. RssAnon is the process's own memory; RssFile is mostly the model's memory-mapped safetensors,
+counted once the first forward pass has touched them (hence the step after warm-up). With glibc's default
+dynamic mmap threshold, freed tensors partly stay in the heap for reuse, so VmRSS moves in steps of a few
+MiB without growing; the test fixes the threshold (`MALLOC_MMAP_THRESHOLD_=131072`) so VmRSS follows live
+memory and a tolerance of a quarter of one cycle's adapters can catch a leak."""
+
+
 @dataclass
 class SoakConfig:
     clients: int = 8
@@ -53,6 +68,9 @@ class SoakResult:
     book: SoakBook
     rss_kib: dict[str, int] = field(default_factory=dict)  # phase -> VmRSS
     cycle_rss_kib: list[int] = field(default_factory=list)  # VmRSS after each cycle's delete-all
+    # phase -> (RssAnon, RssFile): anonymous memory vs pages of mapped files (the model's safetensors are
+    # mapped, and only count once a forward pass has touched them)
+    split_kib: dict[str, tuple[int, int]] = field(default_factory=dict)
     cycle_bytes: int = 0  # adapter file bytes uploaded per cycle
     mixed_s: float = 0.0
     total_s: float = 0.0
@@ -148,15 +166,19 @@ async def run_soak(url: str, pid: int, pool_dirs: list[Path], config: SoakConfig
     """The whole soak against the server at `url` (process `pid`, for its memory figures)."""
     pool = [AdapterFiles.read(d) for d in pool_dirs]
     result = SoakResult(SoakBook(), cycle_bytes=sum(f.nbytes for f in pool))
-    book, rss = result.book, result.rss_kib
+    book = result.book
+
+    def record(phase: str) -> None:
+        result.rss_kib[phase] = read_rss_kib(pid)
+        result.split_kib[phase] = (read_rss_kib(pid, "RssAnon"), read_rss_kib(pid, "RssFile"))
     started = time.monotonic()
     limits = httpx.Limits(max_connections=config.clients * 2 + 4, max_keepalive_connections=config.clients * 2)
     async with httpx.AsyncClient(base_url=url, timeout=config.http_timeout_s, limits=limits) as http:
-        rss["start"] = read_rss_kib(pid)
+        record("start")
         clients = [SoakClient(i, http, book, pool, config.seed, config.max_live_adapters, config.max_new_tokens)
                    for i in range(config.clients)]
         await _cycle(http, book, pool, 0, clients)  # warm-up: every code path once
-        rss["after warm-up"] = read_rss_kib(pid)
+        record("after warm-up")
 
         mixed_start = time.monotonic()
         deadline = mixed_start + config.duration_s
@@ -166,38 +188,42 @@ async def run_soak(url: str, pid: int, pool_dirs: list[Path], config: SoakConfig
             await wait_idle(http, 60)
         except TimeoutError as exc:
             book.failures.append(f"hang: {exc}")
-        rss["end of mixed load"] = read_rss_kib(pid)
+        record("end of mixed load")
         await guarded(book, "verify and delete", _verify_and_delete_live(http, book))
         health = await wait_idle(http, 60)
         if health["adapters"] or health["adapter_bytes"]:
             book.failures.append(f"adapters left after deleting all: {health}")
-        rss["after deleting all"] = read_rss_kib(pid)
+        record("after deleting all")
 
         for cycle in range(1, config.cycles + 1):
             await _cycle(http, book, pool, cycle, clients)
-            result.cycle_rss_kib.append(read_rss_kib(pid))
-        rss["peak (VmHWM)"] = read_rss_kib(pid, "VmHWM")
+            record(f"after cycle {cycle}")
+            result.cycle_rss_kib.append(result.rss_kib.pop(f"after cycle {cycle}"))
+        result.rss_kib["peak (VmHWM)"] = read_rss_kib(pid, "VmHWM")
     result.total_s = time.monotonic() - started
     return result
 
 
 def render(result: SoakResult, header: dict[str, str]) -> str:
     book = result.book
-    lines = [SECTION, "", *(f"- {k}: {v}" for k, v in header.items()), "",
+    lines = [SECTION, "", INTRO, "", *(f"- {k}: {v}" for k, v in header.items()), "",
              "| operation | status | count |", "|---|---|---|"]
     lines += [f"| {op} | {status or 'no reply read'} | {n} |" for (op, status), n in sorted(book.ops.items())]
     lines += ["", "| check | result |", "|---|---|",
               f"| 5xx answers | {len(book.server_errors)} |",
               f"| lost adapters | {len(book.lost)} |",
               f"| other failures (unexpected status, broken stream, hang) | {len(book.failures)} |",
-              "", "| server memory | VmRSS (MiB) |", "|---|---|"]
-    lines += [f"| {phase} | {kib / 1024:.1f} |" for phase, kib in result.rss_kib.items()]
-    lines += [f"| after cycle {i} (upload {len(result.cycle_rss_kib) and result.cycle_bytes / MiB:.1f} MiB of "
-              f"adapters, use, delete all) | {kib / 1024:.1f} |" for i, kib in enumerate(result.cycle_rss_kib, 1)]
+              "", "| server memory (MiB) | VmRSS | RssAnon | RssFile |", "|---|---|---|---|"]
+    rows = [*result.rss_kib.items(), *((f"after cycle {i}", kib) for i, kib in enumerate(result.cycle_rss_kib, 1))]
+    for phase, kib in rows:
+        anon, mapped = (f"{v / 1024:.1f}" for v in result.split_kib[phase]) if phase in result.split_kib \
+            else ("", "")
+        lines.append(f"| {phase} | {kib / 1024:.1f} | {anon} | {mapped} |")
     if len(result.cycle_rss_kib) > 1:
         drift = (result.cycle_rss_kib[-1] - result.cycle_rss_kib[0]) / 1024
-        lines += ["", f"RSS after cycle {len(result.cycle_rss_kib)} minus after cycle 1: {drift:+.1f} MiB "
-                  f"(one cycle uploads {result.cycle_bytes / MiB:.1f} MiB of adapter files)."]
+        lines += ["", f"A cycle uploads the whole pool ({result.cycle_bytes / MiB:.1f} MiB of adapter files) under "
+                  f"new ids, streams from each (half the clients hang up mid-stream) and deletes them all. VmRSS "
+                  f"after cycle {len(result.cycle_rss_kib)} minus after cycle 1: {drift:+.1f} MiB."]
     problems = result.problems
     lines += ["", "Problems: none." if not problems else "Problems:", *(f"- {p}" for p in problems[:50])]
     return "\n".join(lines) + "\n"
@@ -260,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"under fresh ids; --max-resident-adapters {args.max_resident_adapters}",
         "load": f"{args.clients} clients, {result.mixed_s:.0f} s of mixed load, then {args.cycles} cycles; "
                 f"{config.max_new_tokens} new tokens per request (x50 for clients that hang up)",
+        "glibc MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset (dynamic, the default)"),
         "server alive at the end": "yes" if alive else "NO",
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall time": f"{result.total_s:.0f} s",
