@@ -50,6 +50,17 @@ dynamic mmap threshold, freed tensors partly stay in the heap for reuse, so VmRS
 MiB without growing; the test fixes the threshold (`MALLOC_MMAP_THRESHOLD_=131072`) so VmRSS follows live
 memory and a tolerance of a quarter of one cycle's adapters can catch a leak."""
 
+# What the soak found (each fixed, with a test in tests/api/test_soak.py); kept in the regenerated section.
+FINDINGS = """\
+Bugs this soak found, all fixed:
+- Concurrent uploads beyond `--max-resident-adapters` hung: an upload waiting for a resident slot was only
+  woken by a finishing generation, never by another upload finishing; and an upload gave its slot back
+  before its adapter counted as resident, so the limit could be overshot.
+- Activating an adapter while it was being deleted could leave the deleted adapter active (then every
+  request naming no adapter got 404).
+- Every adapter id ever used kept its Prometheus series (requests, time to first token, tokens): about
+  25 KB of memory per uploaded-and-deleted adapter, without bound. Deleting an adapter now drops them."""
+
 
 @dataclass
 class SoakConfig:
@@ -226,6 +237,7 @@ def render(result: SoakResult, header: dict[str, str]) -> str:
                   f"after cycle {len(result.cycle_rss_kib)} minus after cycle 1: {drift:+.1f} MiB."]
     problems = result.problems
     lines += ["", "Problems: none." if not problems else "Problems:", *(f"- {p}" for p in problems[:50])]
+    lines += ["", FINDINGS]
     return "\n".join(lines) + "\n"
 
 
