@@ -55,7 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="adapter-service", version="0.1.0", lifespan=lifespan)
     app.state.api_keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)  # fails fast
     install_error_handlers(app)
-    install_request_middleware(app, metrics, settings.max_request_body_bytes)
+    install_request_middleware(app, metrics, settings.max_request_body_bytes, settings.max_upload_bytes)
     for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics):
         app.include_router(module.router)
     return app

@@ -15,11 +15,14 @@ from ..metrics import ServiceMetrics
 from .errors import error_body
 
 REQUEST_ID_HEADER = "X-Request-ID"
+MULTIPART_OVERHEAD = 1024 * 1024  # room for part headers and boundaries on top of the upload limit
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = logging.getLogger("service.access")
 
 
-def install_request_middleware(app: FastAPI, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+def install_request_middleware(
+    app: FastAPI, metrics: ServiceMetrics, max_body_bytes: int, max_upload_bytes: int
+) -> None:
     @app.middleware("http")
     async def request_context(request: Request, call_next):
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
@@ -27,7 +30,7 @@ def install_request_middleware(app: FastAPI, metrics: ServiceMetrics, max_body_b
         token = request_id_var.set(request_id)
         start, status = time.perf_counter(), 500
         try:
-            response = _body_too_large(request, max_body_bytes) or await call_next(request)
+            response = _body_too_large(request, max_body_bytes, max_upload_bytes) or await call_next(request)
             status = response.status_code
             response.headers[REQUEST_ID_HEADER] = request_id
             return response
@@ -44,12 +47,17 @@ def install_request_middleware(app: FastAPI, metrics: ServiceMetrics, max_body_b
             request_id_var.reset(token)
 
 
-def _body_too_large(request: Request, limit: int) -> JSONResponse | None:
-    """413 for a JSON body over the limit, judged by Content-Length before anything is read (multipart
-    uploads have their own, larger limit)."""
+def _body_too_large(request: Request, limit: int, upload_limit: int) -> JSONResponse | None:
+    """413 for a body over its limit, judged by Content-Length before a byte of it is read: JSON bodies over
+    `limit`, multipart uploads over `upload_limit` (a chunked upload is cut off by the store's byte budget)."""
     length = request.headers.get("content-length", "")
-    if request.headers.get("content-type", "").startswith("multipart/") or not length.isdigit():
+    if not length.isdigit():
         return None
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        if int(length) <= upload_limit + MULTIPART_OVERHEAD:
+            return None
+        message, details = f"upload exceeds the limit of {upload_limit} bytes", {"max_bytes": upload_limit}
+        return JSONResponse(error_body("upload_too_large", message, details), status_code=413)
     if int(length) <= limit:
         return None
     return JSONResponse(error_body("body_too_large", f"request body exceeds {limit} bytes", {"max_bytes": limit}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -12,7 +12,6 @@ from ..adapter_manager import AdapterRecord
 from ..merging import MergeSpec
 from .auth import require
 from .deps import State
-from .errors import ApiError
 from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, MergeRequest
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -42,16 +41,12 @@ READ = [Depends(require("inference"))]
 
 @router.post("", status_code=201, response_model=AdapterInfo, dependencies=ADMIN)
 async def upload_adapter(
-    request: Request,
     state: State,
     files: Annotated[list[UploadFile], File(description="the two adapter files, or one archive")],
     adapter_id: Annotated[str | None, Form()] = None,
 ) -> AdapterInfo:
     """Upload a PEFT-format adapter; it is validated, loaded and stored atomically."""
-    length = request.headers.get("content-length")
-    limit = state.settings.max_upload_bytes
-    if length is not None and length.isdigit() and int(length) > limit + 1024 * 1024:  # multipart overhead
-        raise ApiError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes", {"max_bytes": limit})
+    # A Content-Length over the limit was refused before the body was read (middleware); the store counts bytes.
     record = await state.adapters.upload([(f.filename or "", f.file) for f in files], adapter_id or None)
     return adapter_info(record, state.adapters.active)
 
