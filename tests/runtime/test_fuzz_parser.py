@@ -44,7 +44,7 @@ SOURCES = {
     "dora": dict(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True, use_rslora=True),
 }
 MAX_UPLOAD = 4 * 1024 * 1024
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                          suppress_health_check=list(HealthCheck))
 
