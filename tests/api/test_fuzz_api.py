@@ -107,6 +107,13 @@ def test_no_operation_answers_a_server_error(operation, fuzz_server, fuzz_adapte
     assert fuzz_server.proc.poll() is None, fuzz_server.log[-4000:]
 
 
+@pytest.mark.parametrize("path", ["~no-such-user-here/adapter", "/tmp/a\x00b"], ids=["unknown user", "NUL byte"])
+def test_unusable_lora_path_is_a_422(fuzz_server, path):
+    """Found by the fuzzing: resolving these paths raised (500)."""
+    response = fuzz_server.client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_path"
+
+
 def test_server_survived_the_fuzzing(fuzz_server):
     """Runs last in this module: the server still serves and logged no unhandled error."""
     assert fuzz_server.alive()
