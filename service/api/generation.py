@@ -9,6 +9,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import anyio
+from fastapi.responses import StreamingResponse
+
 from ..engine import GenerationRequest, GenerationResult, QueueFullError, RequestHandle, TokenEvent
 from .deps import ServiceState
 from .errors import ApiError
@@ -91,3 +94,20 @@ async def generate_result(state: ServiceState, request: GenerationRequest) -> Ge
     finally:
         await events.aclose()
     raise ApiError(500, "internal_error", "the engine ended the request without a result")
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its body generator however the response ends.
+
+    When the client hangs up while a chunk is being sent, Starlette cancels the send and leaves the body
+    generator suspended; only the garbage collector would close it (and the generation it drives), late,
+    with the finalizers of the nested generators racing each other ("asynchronous generator is already
+    running"). Closing it here frees the batch row and the adapter at once.
+    """
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):  # runs while the response is being cancelled
+                await self.body_iterator.aclose()

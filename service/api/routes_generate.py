@@ -6,13 +6,12 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from ..engine import GenerationRequest, GenerationResult, SamplingParams
 from .auth import require
 from .deps import State
 from .errors import ApiError, error_body
-from .generation import generate_events, generate_result
+from .generation import ClosingStreamingResponse, generate_events, generate_result
 from .schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require("inference"))])
@@ -60,7 +59,7 @@ async def generate(body: GenerateRequest, request: Request, state: State):
         finally:
             await events.aclose()
 
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return ClosingStreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _sse(data: dict) -> bytes:

@@ -8,13 +8,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from ..engine import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from .auth import require
 from .deps import ServiceState, State
 from .errors import ApiError, error_body
-from .generation import generate_events, generate_result
+from .generation import ClosingStreamingResponse, generate_events, generate_result
 from .schemas_openai import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require("inference"))])
@@ -131,7 +130,7 @@ def _prompt_ids(state: ServiceState, prompt) -> list[list[int]]:
     raise ApiError(422, "invalid_request", "prompt must be a string, a list of strings, or token ids")
 
 
-def _stream(events: AsyncIterator, chunk, opening: dict | None = None) -> StreamingResponse:
+def _stream(events: AsyncIterator, chunk, opening: dict | None = None) -> ClosingStreamingResponse:
     """OpenAI's stream format: `data: {chunk}` lines, a final chunk with finish_reason, then `data: [DONE]`."""
 
     async def body() -> AsyncIterator[bytes]:
@@ -150,7 +149,7 @@ def _stream(events: AsyncIterator, chunk, opening: dict | None = None) -> Stream
         finally:
             await events.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return ClosingStreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _sse(data: dict) -> bytes:
