@@ -34,6 +34,7 @@ class ServerProcess:
         self.url: str | None = None
         self._ready = threading.Event()
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.error_lines: list[str] = []  # every logged error or traceback, however long the log
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
@@ -64,6 +65,8 @@ class ServerProcess:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             self._tail.append(line.rstrip("\n"))
+            if " ERROR " in line or line.startswith("Traceback"):
+                self.error_lines.append(line.rstrip("\n"))
             if self.url is None and (match := READY.search(line)):
                 self.url = match.group(1)
                 self._ready.set()
