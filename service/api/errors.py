@@ -20,6 +20,7 @@ _RUNTIME_STATUS = {
     "adapter_exists": 409,
     "invalid_adapter": 422,
     "mixed_batch_unsupported": 422,
+    "not_mergeable": 422,
 }
 
 

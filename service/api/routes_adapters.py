@@ -23,7 +23,7 @@ def adapter_info(record: AdapterRecord, active: str | None) -> AdapterInfo:
         id=record.id,
         type=summary.get("peft_type", "LORA"),
         rank=record.rank,
-        alpha=summary.get("lora_alpha", 0),
+        alpha=summary.get("lora_alpha", summary.get("alpha", 0)),
         target_modules=summary.get("target_modules"),
         modules_to_save=summary.get("modules_to_save") or [],
         resident_bytes=record.resident_bytes,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..runtime import LoadedAdapter
-from ..runtime.merged_weights import merged_parameters
+from ..runtime.adapter_types.base import NotMergeableError
 from ..runtime.model_index import ModelIndex
 
 _DTYPE_NAMES = {
@@ -33,6 +33,10 @@ class MergedCheckpoint:
     """The merged tensors of one adapter on the pristine model, in state_dict order."""
 
     def __init__(self, model: nn.Module, index: ModelIndex, adapter: LoadedAdapter) -> None:
+        blocker = adapter.merge_blocker()
+        if blocker is not None:
+            raise NotMergeableError(f"adapter '{adapter.adapter_id}' cannot be exported merged: {blocker}",
+                                    {"adapter_id": adapter.adapter_id})
         self.model, self.index, self.adapter = model, index, adapter
         self.sources: dict[str, tuple[str, str]] = {}  # pristine key -> (module name, attribute)
         for key in index.state:
@@ -43,10 +47,8 @@ class MergedCheckpoint:
 
     def _changed_keys(self) -> set[str]:
         keys = set()
-        for name, lora in self.adapter.loras.items():
-            keys.add(f"{name}.weight")
-            if lora.bias is not None:
-                keys.add(f"{name}.bias")
+        for name, module in self.adapter.modules.items():
+            keys.update(f"{name}.{param}" for param in module.merged_parameter_names(self.index.modules[name]))
         for name in self.adapter.replacements:
             keys.update(k for k in self.index.state if k.startswith(name + "."))
         return keys
@@ -77,11 +79,9 @@ class MergedCheckpoint:
         for name, module in self.adapter.replacements.items():
             if key.startswith(name + "."):
                 return module.state_dict()[key[len(name) + 1:]]
-        lora = self.adapter.loras.get(module_name)
-        if lora is not None and attr in ("weight", "bias"):
-            merged = merged_parameters(lora, self.index.modules[module_name])
-            if attr in merged:
-                return merged[attr]
+        module = self.adapter.modules.get(module_name)
+        if module is not None and attr in module.merged_parameter_names(self.index.modules[module_name]):
+            return module.merged_parameters(self.index.modules[module_name])[attr]
         return self._base_tensor(key)
 
     def safetensors_chunks(self) -> tuple[int, Iterator[bytes]]:

@@ -70,6 +70,10 @@ def check(sources: list[LoadedAdapter], spec: MergeSpec) -> tuple[str, int]:
         reasons.append("density must be in [0, 1]")
     if spec.majority_sign_method not in ("total", "frequency"):
         reasons.append("majority_sign_method must be 'total' or 'frequency'")
+    unsupported = [f"'{a.adapter_id}' is {a.adapter_type.peft_type}" for a in sources
+                   if not a.adapter_type.supports_weighted_merge]
+    if unsupported:
+        raise MergeError([f"weighted merging combines LoRA adapters only: {', '.join(unsupported)}"])
     for a in sources:
         if a.config.use_dora or a.config.lora_bias:
             reasons.append(f"adapter '{a.adapter_id}' uses DoRA or lora_bias, which weighted merging cannot combine")
@@ -102,11 +106,11 @@ def merge(sources: list[LoadedAdapter], spec: MergeSpec, modules: dict[str, nn.M
     out = MergedAdapter(config={})
     targets: list[str] = []
     for name in modules:
-        present = [(a, w) for a, w in zip(sources, spec.weights, strict=True) if name in a.loras]
+        present = [(a, w) for a, w in zip(sources, spec.weights, strict=True) if name in a.modules]
         if not present:
             continue
         targets.append(name)
-        loras = [a.loras[name] for a, _ in present]
+        loras = [a.modules[name] for a, _ in present]
         weights = [w for _, w in present]
         kind = loras[0].kind
         if method == "cat":

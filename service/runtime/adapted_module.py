@@ -1,10 +1,10 @@
 """The wrapper put in place of a base module that at least one loaded adapter changes.
 
 A wrapper keeps the original module as `base_layer` (its only registered child, so parameters and
-buffers stay those of the base model) and, per adapter, either LoRA weights or a whole replacement copy
-(modules_to_save). Adapter tensors live in plain dicts on purpose: they never appear in
-`named_parameters()`, and removing the dict entry is all it takes to free them. When the last adapter
-leaves, the runtime puts `base_layer` back where the wrapper was.
+buffers stay those of the base model) and, per adapter, either the adapter type's `ModuleAdapter` (LoRA
+weights, an IA3 vector, ...) or a whole replacement copy (modules_to_save). Adapter tensors live in plain
+dicts on purpose: they never appear in `named_parameters()`, and removing the dict entry is all it takes
+to free them. When the last adapter leaves, the runtime puts `base_layer` back where the wrapper was.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_types.base import ModuleAdapter
 from .errors import MixedBatchError
-from .lora_weights import LoraWeights, apply_embedding, apply_linear
 from .routing import Router, RowAssignment
-from .stacked_lora import StackedLora
 
 
 class AdaptedModule(nn.Module):
@@ -27,14 +26,16 @@ class AdaptedModule(nn.Module):
         self.module_name = name
         # Not registered as a submodule: the router is shared by every wrapper of the model.
         object.__setattr__(self, "router", router)
-        self.loras: dict[str, LoraWeights] = {}
+        self.adapters: dict[str, ModuleAdapter] = {}
         self.replacements: dict[str, nn.Module] = {}
-        self._stack: StackedLora | None = None  # the latest batch's adapters, stacked (see stacked_lora.py)
+        # The latest batch's adapters in their type's stacked form (e.g. stacked_lora.py), and their ids.
+        self._stack: Any = None
+        self._stack_ids: tuple[str, ...] | None = None
         # The fused adapter's merged copy of the base module: its rows run at bare-module speed.
         self.fused: tuple[str, nn.Module] | None = None
 
     def remove_adapter(self, adapter_id: str) -> None:
-        self.loras.pop(adapter_id, None)
+        self.adapters.pop(adapter_id, None)
         self.replacements.pop(adapter_id, None)
         self._stack = None  # it may hold a copy of the adapter's weights
         if self.fused is not None and self.fused[0] == adapter_id:
@@ -46,13 +47,13 @@ class AdaptedModule(nn.Module):
 
     @property
     def adapter_ids(self) -> set[str]:
-        return set(self.loras) | set(self.replacements)
+        return set(self.adapters) | set(self.replacements)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         assignment = self.router.current()
         if assignment.groups is None:
             return self._forward_one(assignment.uniform, x, *args, **kwargs)
-        groups = [g for g in assignment.groups if g.adapter_id in self.loras or g.adapter_id in self.replacements]
+        groups = [g for g in assignment.groups if g.adapter_id in self.adapters or g.adapter_id in self.replacements]
         if not groups:
             return self.base_layer(x, *args, **kwargs)
         if x.shape[0] != assignment.batch_size:
@@ -60,26 +61,37 @@ class AdaptedModule(nn.Module):
                 f"module '{self.module_name}' got input with first dimension {x.shape[0]}, not the batch size "
                 f"{assignment.batch_size}; adapters on it cannot be mixed within one batch"
             )
-        if any(g.adapter_id in self.replacements or g.adapter_id == self.fused_id for g in groups) or args or kwargs:
+        if args or kwargs or any(self._whole_module(g.adapter_id) for g in groups):
             return self._forward_split(assignment, x, *args, **kwargs)
-        # LoRA-only: run the base once for the whole batch, then add each row's delta.
+        # Output-side adapters only: run the base once for the whole batch, then adapt each row group.
         y = self.base_layer(x)
         stacked = self._stacked(assignment, groups)
         if stacked is not None:
             stack, slots = stacked
             return stack.apply(x, y, slots)
         for g in groups:
-            y[g.rows] = self._apply_lora(self.loras[g.adapter_id], x[g.rows], y[g.rows])
+            y[g.rows] = self.adapters[g.adapter_id].adapt_output(self.base_layer, x[g.rows], y[g.rows])
         return y
 
-    def _stacked(self, assignment: RowAssignment, groups: list) -> tuple[StackedLora, torch.Tensor] | None:
-        """The stacked weights for this batch's adapters and each row's slot, or None for the grouped path."""
+    def _whole_module(self, adapter_id: str | None) -> bool:
+        """Whether these rows need their own run of a module: a copy, a fused copy, or a changed input."""
+        if adapter_id in self.replacements or adapter_id == self.fused_id:
+            return True
+        adapter = self.adapters.get(adapter_id) if adapter_id is not None else None
+        return adapter is not None and adapter.changes_input
+
+    def _stacked(self, assignment: RowAssignment, groups: list) -> tuple[Any, torch.Tensor] | None:
+        """The stacked form of this batch's adapters and each row's slot, or None for the grouped path."""
         ids = tuple(g.adapter_id for g in groups)
-        loras = [self.loras[i] for i in ids]
-        if len(ids) < 2 or not StackedLora.eligible(loras):
+        adapters = [self.adapters[i] for i in ids]
+        kind = type(adapters[0])
+        if len(ids) < 2 or any(type(a) is not kind for a in adapters):
             return None
-        if self._stack is None or self._stack.adapter_ids != ids:
-            self._stack = StackedLora.build(ids, loras)
+        if self._stack is None or self._stack_ids != ids:
+            stack = kind.stacked(ids, adapters)
+            if stack is None:
+                return None
+            self._stack, self._stack_ids = stack, ids
         # Row -> slot map, shared by every module with the same adapters in this forward.
         slots = assignment.memo.get(ids)
         if slots is None:
@@ -95,14 +107,12 @@ class AdaptedModule(nn.Module):
             return replacement(x, *args, **kwargs)
         if adapter_id is not None and adapter_id == self.fused_id:
             return self.fused[1](x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
-        lora = self.loras.get(adapter_id) if adapter_id is not None else None
-        return y if lora is None else self._apply_lora(lora, x, y)
-
-    def _apply_lora(self, lora: LoraWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if lora.kind == "embedding":
-            return apply_embedding(lora, self.base_layer, x, y)
-        return apply_linear(lora, self.base_layer, x, y)
+        adapter = self.adapters.get(adapter_id) if adapter_id is not None else None
+        if adapter is None:
+            return self.base_layer(x, *args, **kwargs)
+        base_input = adapter.adapt_input(self.base_layer, x) if adapter.changes_input else x
+        y = self.base_layer(base_input, *args, **kwargs)
+        return adapter.adapt_output(self.base_layer, x, y)
 
     def _forward_split(self, assignment: RowAssignment, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run every row group on its own (replacement copies are whole modules), then reassemble rows.
@@ -127,7 +137,7 @@ class AdaptedModule(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"name={self.module_name!r}, lora={sorted(self.loras)}, replaced={sorted(self.replacements)}"
+        return f"name={self.module_name!r}, adapters={sorted(self.adapters)}, replaced={sorted(self.replacements)}"
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:

@@ -1,4 +1,4 @@
-"""Parse and validate `adapter_config.json` (PEFT LoRA) into a typed object.
+"""Parse and validate a PEFT LoRA `adapter_config.json` object, plus the field readers every type shares.
 
 Every problem is collected and reported at once; unknown keys are ignored as PEFT does. Fields whose
 semantics change the forward pass or rewrite the base model and that we do not implement are rejected
@@ -7,10 +7,10 @@ explicitly instead of being silently ignored.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .adapter_types.base import AdapterConfigBase, ParsedConfig
 
 # init schemes that rewrite base weights when PEFT loads the adapter (PiSSA, OLoRA, ...): serving them on a
 # shared base would corrupt every other adapter, so they must be converted first.
@@ -24,7 +24,7 @@ _UNSUPPORTED_WHEN_SET = (
 
 
 @dataclass
-class LoraAdapterConfig:
+class LoraAdapterConfig(AdapterConfigBase):
     """The subset of PEFT's LoraConfig that determines inference behaviour."""
 
     r: int = 8
@@ -32,21 +32,9 @@ class LoraAdapterConfig:
     use_rslora: bool = False
     use_dora: bool = False
     lora_bias: bool = False
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | None = None
-    layers_pattern: list[str] | None = None
-    modules_to_save: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # file order matters (first match wins)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    base_model_name_or_path: str | None = None
     peft_type: str = "LORA"
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def targets_all_linear(self) -> bool:
-        tm = self.target_modules
-        return isinstance(tm, str) and tm.lower() == "all-linear"
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -60,47 +48,60 @@ class LoraAdapterConfig:
         }
 
 
-def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, list[str], list[str]]:
-    """Return (config or None, errors, unsupported); the config is None whenever errors is non-empty."""
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # also: nested too deeply, an int with thousands of digits
-        return None, [f"adapter_config.json is not valid JSON: {exc}"], []
-    if not isinstance(raw, dict):
-        return None, ["adapter_config.json must hold a JSON object"], []
+def parse_lora_config(raw: dict[str, Any]) -> ParsedConfig:
+    """Validate a LoRA config object, collecting every problem (config is None when there are errors)."""
     errors: list[str] = []
     unsupported: list[str] = []
-
-    peft_type = raw.get("peft_type")
-    if peft_type is None:
-        errors.append("peft_type is missing")
-    elif str(peft_type).upper() != "LORA":
-        unsupported.append(f"peft_type '{peft_type}' (supported: LORA)")
-
-    def typed(name: str, kinds: tuple[type, ...], default: Any) -> Any:
-        value = raw.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) and bool not in kinds:
-            errors.append(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-            return default
-        if not isinstance(value, kinds):
-            errors.append(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-            return default
-        return value
-
-    cfg = LoraAdapterConfig(raw=raw, peft_type=str(peft_type or "").upper())
+    typed = TypedReader(raw, errors)
+    cfg = LoraAdapterConfig(raw=raw)
     cfg.r = typed("r", (int,), 8)
-    if cfg.r <= 0 or not _finite(cfg.r):
-        errors.append(f"r must be a positive number that fits a float, got {cfg.r!r:.40}")
+    if cfg.r <= 0:
+        errors.append(f"r must be positive, got {cfg.r}")
     cfg.lora_alpha = typed("lora_alpha", (int, float), 8)
-    if not _finite(cfg.lora_alpha):
-        errors.append(f"lora_alpha must be a finite number that fits a float, got {cfg.lora_alpha!r:.40}")
     cfg.use_rslora = typed("use_rslora", (bool,), False)
     cfg.use_dora = typed("use_dora", (bool,), False)
     cfg.lora_bias = typed("lora_bias", (bool,), False)
-    cfg.base_model_name_or_path = raw.get("base_model_name_or_path")
+    parse_common_fields(raw, cfg, errors)
+    parse_rank_patterns(raw, cfg, errors)
+    bias = raw.get("bias", "none")
+    if bias not in (None, "none"):
+        unsupported.append(
+            f"bias='{bias}' (the adapter overwrites shared base-model biases, which would change every other "
+            "adapter; retrain with bias='none' or use lora_bias=true)"
+        )
+    if cfg.use_dora and cfg.lora_bias:
+        errors.append("use_dora and lora_bias cannot be combined")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        unsupported.append(
+            f"init_lora_weights='{init}' rewrites the base weights at load time; convert the adapter first "
+            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    for name in _UNSUPPORTED_WHEN_SET:
+        if raw.get(name):
+            unsupported.append(f"{name}={raw[name]!r}")
+    return ParsedConfig(None if errors else cfg, errors, unsupported)
 
+
+class TypedReader:
+    """`read(name, kinds, default)`: the raw value when it has one of `kinds`; else an error and the default."""
+
+    def __init__(self, raw: dict[str, Any], errors: list[str]) -> None:
+        self.raw, self.errors = raw, errors
+
+    def __call__(self, name: str, kinds: tuple[type, ...], default: Any) -> Any:
+        value = self.raw.get(name, default)
+        if value is None:
+            return default
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            self.errors.append(f"{name} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+            return default
+        return value
+
+
+def parse_common_fields(raw: dict[str, Any], cfg: AdapterConfigBase, errors: list[str]) -> None:
+    """The targeting fields every PEFT type shares: target/exclude modules, layers, modules_to_save."""
+    cfg.base_model_name_or_path = raw.get("base_model_name_or_path")
     cfg.target_modules = _string_or_list(raw, "target_modules", errors)
     cfg.exclude_modules = _string_or_list(raw, "exclude_modules", errors)
     if cfg.target_modules is None or cfg.target_modules == []:
@@ -134,6 +135,9 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
     if isinstance(cfg.target_modules, str) and cfg.layers_to_transform and not cfg.targets_all_linear:
         errors.append("layers_to_transform cannot be combined with a regex target_modules string")
 
+
+def parse_rank_patterns(raw: dict[str, Any], cfg: Any, errors: list[str]) -> None:
+    """`rank_pattern` / `alpha_pattern` (module pattern -> number), shared by LoRA and LoHa."""
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         pattern = raw.get(name) or {}
         if not isinstance(pattern, dict) or not all(
@@ -144,37 +148,6 @@ def parse_adapter_config(text: str | bytes) -> tuple[LoraAdapterConfig | None, l
         setattr(cfg, name, dict(pattern))
     if any(v <= 0 for v in cfg.rank_pattern.values()):
         errors.append("rank_pattern ranks must be positive")
-    if not all(_finite(v) for v in (*cfg.rank_pattern.values(), *cfg.alpha_pattern.values())):
-        errors.append("rank_pattern and alpha_pattern values must be finite numbers that fit a float")
-
-    bias = raw.get("bias", "none")
-    if bias not in (None, "none"):
-        unsupported.append(
-            f"bias='{bias}' (the adapter overwrites shared base-model biases, which would change every other "
-            "adapter; retrain with bias='none' or use lora_bias=true)"
-        )
-    if cfg.use_dora and cfg.lora_bias:
-        errors.append("use_dora and lora_bias cannot be combined")
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        unsupported.append(
-            f"init_lora_weights='{init}' rewrites the base weights at load time; convert the adapter first "
-            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-        )
-    for name in _UNSUPPORTED_WHEN_SET:
-        if raw.get(name):
-            unsupported.append(f"{name}={raw[name]!r}")
-    if errors:
-        return None, errors, unsupported
-    return cfg, errors, unsupported
-
-
-def _finite(value: float) -> bool:
-    """False for NaN, infinities and ints too large for a float: the LoRA scaling would be NaN or overflow."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _string_or_list(raw: dict[str, Any], name: str, errors: list[str]) -> list[str] | str | None:

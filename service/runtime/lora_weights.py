@@ -6,6 +6,7 @@ bit for bit where PEFT's own single-adapter path is the reference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_types.base import ModuleAdapter
+from .merged_weights import merged_parameters
+from .stacked_lora import StackedLora
+
 
 @dataclass(eq=False)
-class LoraWeights:
-    """LoRA A/B of one adapter on one module (adapter compute dtype, module device).
+class LoraWeights(ModuleAdapter):
+    """LoRA A/B of one adapter on one module (adapter compute dtype, module device): the LoRA `ModuleAdapter`.
 
     linear: A (r, in), B (out, r); embedding: A (r, V), B (d, r).
     `dora_scale` is DoRA's m / ||W + s·BA|| precomputed once: the norm is detached and constant at
@@ -38,6 +43,22 @@ class LoraWeights:
 
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+    def adapt_output(self, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "embedding":
+            return apply_embedding(self, base, x, y)
+        return apply_linear(self, base, x, y)
+
+    def merged_parameters(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        return merged_parameters(self, base)
+
+    def merged_parameter_names(self, base: nn.Module) -> tuple[str, ...]:
+        return ("weight", "bias") if self.bias is not None else ("weight",)
+
+    @classmethod
+    def stacked(cls, adapter_ids: tuple[str, ...], adapters: Sequence[ModuleAdapter]) -> StackedLora | None:
+        loras = list(adapters)
+        return StackedLora.build(adapter_ids, loras) if StackedLora.eligible(loras) else None
 
 
 def embed_scale(base: nn.Module) -> torch.Tensor | None:

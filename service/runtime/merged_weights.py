@@ -7,11 +7,14 @@ operations follows PEFT's unsafe merge, so a model holding these weights equals 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .lora_weights import LoraWeights
+if TYPE_CHECKING:
+    from .lora_weights import LoraWeights
 
 
 def delta_weight(lora: LoraWeights, base: nn.Module) -> torch.Tensor:

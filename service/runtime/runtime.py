@@ -17,16 +17,12 @@ import torch
 from torch import nn
 
 from .adapted_module import AdaptedModule
-from .adapter_config import LoraAdapterConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, AdapterValidationError, LoadReport
-from .lora_weights import LoraWeights, init_dora
-from .merged_weights import merged_parameters
+from .adapter_types.base import AdapterConfigBase, AdapterType, ModuleAdapter, NotMergeableError
+from .errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError, LoadReport
 from .model_index import ModelIndex
 from .plan import AdapterPlan, plan_adapter
 from .routing import Router, RowAssignment
 from .safetensors_file import SafetensorsFormatError, load_tensors
-
-ADAPTER_DTYPE = torch.float32  # PEFT's autocast_adapter_dtype=True: LoRA tensors compute in fp32
 
 
 @dataclass(eq=False)
@@ -34,14 +30,16 @@ class LoadedAdapter:
     """Everything one adapter put into the model; deleting this record's entries frees the adapter."""
 
     adapter_id: str
-    config: LoraAdapterConfig
+    adapter_type: AdapterType
+    config: AdapterConfigBase
     report: LoadReport
-    loras: dict[str, LoraWeights] = field(default_factory=dict)  # module name -> weights
+    modules: dict[str, ModuleAdapter] = field(default_factory=dict)  # module name -> the type's per-module object
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter-level tensors (e.g. a shared router)
     replacements: dict[str, nn.Module] = field(default_factory=dict)  # module name -> trained copy
     fused: dict[str, nn.Module] = field(default_factory=dict)  # module name -> merged copy, while fused
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for w in self.loras.values() for t in w.tensors()]
+        out = [t for m in self.modules.values() for t in m.tensors()] + list(self.shared.values())
         for module in (*self.replacements.values(), *self.fused.values()):
             out += list(module.parameters()) + list(module.buffers())
         return out
@@ -52,7 +50,12 @@ class LoadedAdapter:
 
     @property
     def rank(self) -> int:
-        return max((w.rank for w in self.loras.values()), default=self.config.r)
+        ranks = [r for m in self.modules.values() if isinstance(r := getattr(m, "rank", None), int)]
+        return max(ranks, default=getattr(self.config, "r", 0))
+
+    def merge_blocker(self) -> str | None:
+        """Why this adapter cannot be folded into base weights, or None."""
+        return next((reason for m in self.modules.values() if (reason := m.merge_blocker())), None)
 
 
 def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -110,12 +113,13 @@ class AdapterRuntime:
         if loaded is None:
             raise AdapterNotFoundError(adapter_id)
         freed = loaded.resident_bytes
-        for name in set(loaded.loras) | set(loaded.replacements):
+        for name in set(loaded.modules) | set(loaded.replacements):
             wrapper = self._wrappers[name]
             wrapper.remove_adapter(adapter_id)
             if not wrapper.adapter_ids:
                 self._unwrap(name)
-        loaded.loras.clear()
+        loaded.modules.clear()
+        loaded.shared.clear()
         loaded.replacements.clear()
         loaded.fused.clear()
         if self.router.active == adapter_id:
@@ -139,13 +143,16 @@ class AdapterRuntime:
             raise AdapterNotFoundError(adapter_id)
         if loaded.fused:
             return
+        blocker = loaded.merge_blocker()
+        if blocker is not None:
+            raise NotMergeableError(f"adapter '{adapter_id}' cannot be fused: {blocker}", {"adapter_id": adapter_id})
         self.unfuse()
         fused: dict[str, nn.Module] = {}
         with torch.no_grad():
-            for name, lora in loaded.loras.items():
+            for name, adapter in loaded.modules.items():
                 base = self.index.modules[name]
                 module = copy.deepcopy(base).requires_grad_(False)
-                for param, value in merged_parameters(lora, base).items():
+                for param, value in adapter.merged_parameters(base).items():
                     getattr(module, param).data = value
                 fused[name] = module
         for name, module in fused.items():
@@ -208,34 +215,21 @@ class AdapterRuntime:
         if bad:
             report.dtype_errors += [f"{k} holds NaN or infinite values" for k in sorted(bad)]
             raise AdapterValidationError(report)
-        loaded = LoadedAdapter(plan.adapter_id, plan.config, report)
-        for target in plan.lora_targets:
+        loaded = LoadedAdapter(plan.adapter_id, plan.adapter_type, plan.config, report)
+        device = self._device()
+        loaded.shared = {f: tensors[key].to(device) for f, key in plan.shared.items()}
+        for target in plan.targets:
             base = self.index.modules[target.name]
-            device = base.weight.device
-            fields = {
-                f: tensors[key].to(device=device, dtype=ADAPTER_DTYPE)
-                for f, key in target.keys.items()
-                if f != "base_weight"
-            }
-            base_weight = target.keys.get("base_weight")
-            if base_weight is not None:
-                saved = tensors[base_weight].to(device=device, dtype=base.weight.dtype)
-                if not torch.equal(saved, base.weight):
-                    report.base_mismatches.append(
-                        f"{base_weight} differs from the live model's {target.name}.weight: the adapter was "
-                        "trained on another base (or a modified embedding), which would change every adapter"
-                    )
-                    continue
-            weights = LoraWeights(
-                kind=target.kind, A=fields["A"], B=fields["B"], scaling=target.scaling, rank=target.rank,
-                alpha=target.alpha, bias=fields.get("bias"), magnitude=fields.get("magnitude"),
-            )
-            if weights.magnitude is not None:
-                with torch.no_grad():
-                    init_dora(weights, base)
-                if not torch.isfinite(weights.dora_scale).all():
-                    report.dtype_errors.append(f"{target.name}: DoRA norm is zero or not finite")
-            loaded.loras[target.name] = weights
+            fields = {f: tensors[key].to(_module_device(base, device)) for f, key in target.keys.items()}
+            try:
+                module = plan.adapter_type.build_module(plan.config, target, fields, loaded.shared, base, report)
+            except AdapterError:
+                raise
+            except Exception as exc:  # a plug-in's bug becomes a clear rejection, not a server error
+                report.config_errors.append(f"{plan.adapter_type.peft_type} cannot build module '{target.name}': "
+                                            f"{type(exc).__name__}: {exc}")
+                raise AdapterValidationError(report) from exc
+            loaded.modules[target.name] = module
         for name, params in plan.replacements.items():
             copy_module = self._pristine_copy(self.index.modules[name])
             state = {param: tensors[key] for param, key in params.items()}
@@ -269,9 +263,14 @@ class AdapterRuntime:
         setattr(parent, attr, wrapper.base_layer)
 
     def _attach(self, loaded: LoadedAdapter) -> None:
-        for name, weights in loaded.loras.items():
-            self._wrapper(name).loras[loaded.adapter_id] = weights
+        for name, module in loaded.modules.items():
+            self._wrapper(name).adapters[loaded.adapter_id] = module
         for name, module in loaded.replacements.items():
             self._wrapper(name).replacements[loaded.adapter_id] = module
 
 
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else default

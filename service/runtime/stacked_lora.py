@@ -11,10 +11,12 @@ accumulation order (well within 1e-5 in fp32).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .lora_weights import LoraWeights
+if TYPE_CHECKING:
+    from .lora_weights import LoraWeights
 
 
 @dataclass(eq=False)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_config import LoraAdapterConfig
+from .adapter_types.base import AdapterConfigBase
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 LORA_MODULE_TYPES = (nn.Linear, Conv1D, nn.Embedding)
@@ -28,7 +28,7 @@ def all_linear_names(modules: dict[str, nn.Module], output_embedding_name: str |
     return names
 
 
-def _excluded(cfg: LoraAdapterConfig, name: str) -> bool:
+def _excluded(cfg: AdapterConfigBase, name: str) -> bool:
     ex = cfg.exclude_modules
     if ex:
         if isinstance(ex, str):
@@ -52,7 +52,7 @@ def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def is_targeted(cfg: LoraAdapterConfig, name: str, all_linear: set[str] | None = None) -> bool:
+def is_targeted(cfg: AdapterConfigBase, name: str, all_linear: set[str] | None = None) -> bool:
     """PEFT's target rule for one module name (relative to the base model)."""
     if _excluded(cfg, name):
         return False
@@ -71,7 +71,7 @@ def is_targeted(cfg: LoraAdapterConfig, name: str, all_linear: set[str] | None =
     return True
 
 
-def modules_to_save_names(cfg: LoraAdapterConfig, names: Iterable[str]) -> list[str]:
+def modules_to_save_names(cfg: AdapterConfigBase, names: Iterable[str]) -> list[str]:
     """Modules replaced by a trained copy. PEFT wraps on a *plain* suffix (`name.endswith(m)`, no dot
     boundary: "norm" also matches "input_layernorm"); the file was written that way, so we read it that way.
     A module inside another matched module is covered by its parent's copy."""
@@ -84,7 +84,9 @@ def matching_patterns(patterns: dict[str, float], name: str) -> list[str]:
     return [p for p in patterns if re.match(rf"(.*\.)?({p})$", name)]
 
 
-def resolve_rank(cfg: LoraAdapterConfig, name: str, file_rank: int | None) -> tuple[int, str | None]:
+def resolve_rank(
+    rank_pattern: dict[str, int], default: int, name: str, file_rank: int | None
+) -> tuple[int, str | None]:
     """Rank of one module, and the pattern key that gave it when it differs from PEFT's choice.
 
     PEFT takes the first matching pattern in file order; PEFT's save sorts keys alphabetically, so
@@ -92,27 +94,27 @@ def resolve_rank(cfg: LoraAdapterConfig, name: str, file_rank: int | None) -> tu
     (spec §1.4). The tensors record the real rank: when another matching pattern explains the file's
     shape we use that one instead of failing.
     """
-    keys = matching_patterns(cfg.rank_pattern, name)
+    keys = matching_patterns(rank_pattern, name)
     if not keys:
-        return cfg.r, None
+        return default, None
     first = keys[0]
-    if file_rank is not None and cfg.rank_pattern[first] != file_rank:
+    if file_rank is not None and rank_pattern[first] != file_rank:
         for key in keys[1:]:
-            if cfg.rank_pattern[key] == file_rank:
+            if rank_pattern[key] == file_rank:
                 return file_rank, key
-    return cfg.rank_pattern[first], None
+    return rank_pattern[first], None
 
 
-def resolve_alpha(cfg: LoraAdapterConfig, name: str, corrected_key: str | None) -> float:
+def resolve_alpha(alpha_pattern: dict[str, float], default: float, name: str, corrected_key: str | None) -> float:
     """Alpha of one module: first matching pattern in file order (PEFT's load behaviour). When the rank had
     to be corrected to another pattern key (see resolve_rank) and that key has an alpha, it wins so that
     rank and alpha come from the same pattern."""
-    keys = matching_patterns(cfg.alpha_pattern, name)
+    keys = matching_patterns(alpha_pattern, name)
     if corrected_key is not None and corrected_key in keys:
-        return cfg.alpha_pattern[corrected_key]
-    return cfg.alpha_pattern[keys[0]] if keys else cfg.lora_alpha
+        return alpha_pattern[corrected_key]
+    return alpha_pattern[keys[0]] if keys else default
 
 
-def scaling(cfg: LoraAdapterConfig, rank: int, alpha: float) -> float:
+def scaling(use_rslora: bool, rank: int, alpha: float) -> float:
     """LoRA scaling as a Python float, exactly as PEFT computes it."""
-    return alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank

@@ -109,7 +109,7 @@ def test_rslora_sources_are_not_overscaled(tmp_path) -> None:
     name = "model.layers.0.self_attn.q_proj"
     prefix = f"base_model.model.{name}"
     got = merged.tensors[f"{prefix}.lora_B.weight"] @ merged.tensors[f"{prefix}.lora_A.weight"]
-    wa, wb = sources[0].loras[name], sources[1].loras[name]
+    wa, wb = sources[0].modules[name], sources[1].modules[name]
     expected = 1.0 * wa.scaling * (wa.B @ wa.A) + 0.5 * wb.scaling * (wb.B @ wb.A)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert merged.config["use_rslora"] is False and merged.config["lora_alpha"] == merged.config["r"]

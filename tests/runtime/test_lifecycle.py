@@ -87,7 +87,7 @@ def test_deleting_one_adapter_keeps_the_others(base, adapter_dirs) -> None:
     runtime.load("lora", adapter_dirs["lora"])
     runtime.load("dora_emb", adapter_dirs["dora_emb"])  # shares the q_proj wrappers with "lora"
     before = logits(model, runtime, "lora")
-    ref = weakref.ref(runtime.adapters["dora_emb"].loras["model.layers.0.self_attn.q_proj"].A)
+    ref = weakref.ref(runtime.adapters["dora_emb"].modules["model.layers.0.self_attn.q_proj"].A)
     runtime.delete("dora_emb")
     gc.collect()
     assert ref() is None

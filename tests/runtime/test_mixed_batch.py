@@ -8,7 +8,7 @@ import torch
 from oracle import input_ids, make_peft_adapter, peft_logits, tiny_model
 
 from service.runtime import AdapterRuntime
-from service.runtime import adapted_module as adapted_module_mod
+from service.runtime import lora_weights as lora_weights_mod
 
 ADAPTERS = {
     "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -50,13 +50,13 @@ def test_rows_of_one_adapter_are_applied_together(tmp_path, monkeypatch) -> None
     """The LoRA math runs once per (module, adapter group), never once per row."""
     _, model, runtime, _ = _runtime_with_adapters(tmp_path)
     calls: list[int] = []
-    real = adapted_module_mod.apply_linear
+    real = lora_weights_mod.apply_linear
 
     def counting(w, base, x, y):
         calls.append(x.shape[0])
         return real(w, base, x, y)
 
-    monkeypatch.setattr(adapted_module_mod, "apply_linear", counting)
+    monkeypatch.setattr(lora_weights_mod, "apply_linear", counting)
     rows = ["lora"] * 3 + [None] * 2 + ["lora"] * 2
     with torch.no_grad(), runtime.route(rows):
         model(input_ids=input_ids(batch=len(rows)))

@@ -157,7 +157,7 @@ def test_unsupported_module_type(base, good_adapter) -> None:
 
 @pytest.mark.parametrize(
     "updates",
-    [{"peft_type": "IA3"}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}, {"bias": "all"}],
+    [{"peft_type": "BOFT"}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}, {"bias": "all"}],
 )
 def test_unsupported_config(base, good_adapter, updates) -> None:
     _rewrite_config(good_adapter, **updates)

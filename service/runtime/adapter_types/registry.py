@@ -1,0 +1,62 @@
+"""Which adapter types are installed: the built-ins plus plug-ins found through Python entry points.
+
+A package registers a type by declaring, in its pyproject.toml,
+
+    [project.entry-points."adapter_service.adapter_types"]
+    MOLORA = "molora_adapter:MoLoraType"
+
+(name: the PEFT `peft_type` it serves; value: an `AdapterType` subclass). See docs/adapter-types.md.
+Entry points are read on every lookup (a cheap metadata scan), so a package installed while the server
+runs is picked up by the next upload.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+
+from .base import AdapterType
+from .ia3 import IA3Type
+from .loha import LoHaType
+from .lora import LoraType
+
+ENTRY_POINT_GROUP = "adapter_service.adapter_types"
+BUILTIN_TYPES: dict[str, AdapterType] = {t.peft_type: t for t in (LoraType(), IA3Type(), LoHaType())}
+
+log = logging.getLogger(__name__)
+_plugins: dict[str, AdapterType] = {}  # entry-point value -> instance, so a plug-in is built once
+_reported: set[str] = set()  # broken entry points already logged
+
+
+def installed_types() -> dict[str, AdapterType]:
+    """peft_type (upper case) -> type: the built-ins, then plug-ins. A plug-in never shadows a built-in,
+    and one that fails to import is logged once and skipped (the server keeps serving the others)."""
+    types = dict(BUILTIN_TYPES)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        name = ep.name.upper()
+        if name in BUILTIN_TYPES:
+            _warn_once(ep.value, f"plug-in {ep.value} tries to replace the built-in type {name}; ignored")
+            continue
+        instance = _plugins.get(ep.value)
+        if instance is None:
+            try:
+                cls = ep.load()
+                if not (isinstance(cls, type) and issubclass(cls, AdapterType)):
+                    raise TypeError(f"{ep.value} is not an AdapterType subclass")
+                instance = _plugins[ep.value] = cls()
+            except Exception as exc:  # a broken plug-in must not take the server down
+                _warn_once(ep.value, f"adapter type plug-in {name} ({ep.value}) cannot be loaded: {exc}")
+                continue
+        types.setdefault(name, instance)
+    return types
+
+
+def adapter_type_for(peft_type: str) -> AdapterType | None:
+    """The installed type serving `peft_type` (case-insensitive), or None."""
+    return installed_types().get(peft_type.upper())
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _reported:
+        _reported.add(key)
+        log.warning(message)
