@@ -44,9 +44,12 @@ def tiny_model(arch: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def make_peft_adapter(base: torch.nn.Module, out_dir: Path, seed: int = 1, **lora_kwargs) -> Path:
-    """Train-free adapter: PEFT injects it, every trainable tensor gets seeded noise, PEFT saves it."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
+def make_peft_adapter(base: torch.nn.Module, out_dir: Path, seed: int = 1, config_class: type = LoraConfig,
+                      **config_kwargs) -> Path:
+    """Train-free adapter: PEFT injects it, every trainable tensor gets seeded noise, PEFT saves it.
+
+    `config_class` picks the PEFT method (LoraConfig by default; IA3Config, LoHaConfig, ...)."""
+    model = get_peft_model(copy.deepcopy(base), config_class(**config_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
