@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/ruff check service tests bench examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache
