@@ -10,9 +10,11 @@ an error, not a silently initialised layer, and base-model keys never show up as
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
 from .adapter_types.base import AdapterConfigBase, AdapterKeys, AdapterType, ModuleTarget
@@ -21,6 +23,8 @@ from .errors import AdapterValidationError, LoadReport
 from .model_index import ModelIndex
 from .safetensors_file import SafetensorsFormatError, TensorHeader, read_header
 from .targeting import is_targeted, modules_to_save_names
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,10 +53,11 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
     adapter_type = _adapter_type(raw, report) if raw is not None else None
     cfg = None
     if adapter_type is not None:
-        parsed = adapter_type.parse_config(raw)
-        report.config_errors += parsed.errors
-        report.unsupported += parsed.unsupported
-        cfg = parsed.config
+        parsed = _guarded(report, adapter_type, "parse the config", lambda: adapter_type.parse_config(raw))
+        if parsed is not None:
+            report.config_errors += parsed.errors
+            report.unsupported += parsed.unsupported
+            cfg = parsed.config
     try:
         header = read_header(weights_path)
     except SafetensorsFormatError as exc:
@@ -65,7 +70,8 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
     keys = AdapterKeys(_strip_prefix(header, report), report)
     plan = AdapterPlan(adapter_id, adapter_type, cfg, report, weights_path)
     _plan_targets(plan, index, keys)
-    plan.shared = adapter_type.plan_shared(cfg, index, keys, report)
+    plan.shared = _guarded(report, adapter_type, "plan shared keys",
+                           lambda: adapter_type.plan_shared(cfg, index, keys, report)) or {}
     _plan_replacements(plan, index, keys)
     report.unexpected_keys = keys.unused()
     ranks = sorted({r for t in plan.targets if isinstance(r := t.info.get("rank"), int)})
@@ -108,6 +114,16 @@ def _adapter_type(raw: dict[str, Any], report: LoadReport) -> AdapterType | None
     return adapter_type
 
 
+def _guarded(report: LoadReport, adapter_type: AdapterType, what: str, call: Callable[[], T]) -> T | None:
+    """Run a type's hook; a plug-in's bug becomes a config error in the report, not a server error."""
+    try:
+        return call()
+    except Exception as exc:
+        report.config_errors.append(f"adapter type {adapter_type.peft_type} failed to {what}: "
+                                    f"{type(exc).__name__}: {exc}")
+        return None
+
+
 def _strip_prefix(header: dict[str, TensorHeader], report: LoadReport) -> dict[str, tuple[str, TensorHeader]]:
     """Module-relative key -> (file key, header). PEFT writes `base_model.model.`; bare keys are accepted."""
     keys: dict[str, tuple[str, TensorHeader]] = {}
@@ -131,7 +147,8 @@ def _plan_targets(plan: AdapterPlan, index: ModelIndex, keys: AdapterKeys) -> No
             )
             continue
         report.target_modules_matched.append(name)
-        target = adapter_type.plan_module(cfg, name, module, keys, report)
+        target = _guarded(report, adapter_type, f"plan module '{name}'",
+                          partial(adapter_type.plan_module, cfg, name, module, keys, report))
         if target is not None:
             plan.targets.append(target)
 

@@ -144,3 +144,18 @@ def test_the_plugins_own_writer_round_trips(plugin_installed, base, tmp_path) ->
     ids = input_ids()
     torch.testing.assert_close(_logits(model, ids),
                                _logits(reference_model(base, experts, lora_alpha=8, top_k=2), ids), rtol=0, atol=1e-5)
+
+
+def test_a_buggy_plugin_hook_rejects_the_adapter_without_crashing(plugin_installed, base, tmp_path,
+                                                                  monkeypatch) -> None:
+    from molora_adapter import MoLoraType
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in the plug-in")
+
+    monkeypatch.setattr(MoLoraType, "plan_module", broken)
+    adapter = write_molora(tmp_path / "m", random_molora(base, MODULES), lora_alpha=8, top_k=2)
+    runtime = AdapterRuntime(copy.deepcopy(base))
+    with pytest.raises(AdapterValidationError, match="bug in the plug-in"):
+        runtime.load("m", adapter)
+    assert not runtime.adapters and not runtime._wrappers

@@ -166,3 +166,19 @@ def test_unknown_peft_type_names_the_installed_types(tmp_path) -> None:
 
 def test_not_mergeable_is_a_typed_error() -> None:
     assert NotMergeableError("x").code == "not_mergeable"
+
+
+def test_plugins_never_shadow_builtins_and_broken_ones_are_skipped(tmp_path, monkeypatch, caplog) -> None:
+    dist = tmp_path / "fake_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[adapter_service.adapter_types]\nLORA = json:JSONDecoder\nBROKEN = no_such_module_anywhere:Type\n"
+        "NOTATYPE = json:JSONDecoder\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        types = installed_types()
+    assert type(types["LORA"]).__name__ == "LoraType"
+    assert "BROKEN" not in types and "NOTATYPE" not in types
+    assert "replace the built-in type LORA" in caplog.text and "BROKEN" in caplog.text

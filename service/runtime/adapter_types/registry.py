@@ -24,7 +24,6 @@ ENTRY_POINT_GROUP = "adapter_service.adapter_types"
 BUILTIN_TYPES: dict[str, AdapterType] = {t.peft_type: t for t in (LoraType(), IA3Type(), LoHaType())}
 
 log = logging.getLogger(__name__)
-_plugins: dict[str, AdapterType] = {}  # entry-point value -> instance, so a plug-in is built once
 _reported: set[str] = set()  # broken entry points already logged
 
 
@@ -37,17 +36,13 @@ def installed_types() -> dict[str, AdapterType]:
         if name in BUILTIN_TYPES:
             _warn_once(ep.value, f"plug-in {ep.value} tries to replace the built-in type {name}; ignored")
             continue
-        instance = _plugins.get(ep.value)
-        if instance is None:
-            try:
-                cls = ep.load()
-                if not (isinstance(cls, type) and issubclass(cls, AdapterType)):
-                    raise TypeError(f"{ep.value} is not an AdapterType subclass")
-                instance = _plugins[ep.value] = cls()
-            except Exception as exc:  # a broken plug-in must not take the server down
-                _warn_once(ep.value, f"adapter type plug-in {name} ({ep.value}) cannot be loaded: {exc}")
-                continue
-        types.setdefault(name, instance)
+        try:
+            cls = ep.load()  # imported once, then a sys.modules lookup; types are stateless, so a fresh instance
+            if not (isinstance(cls, type) and issubclass(cls, AdapterType)):
+                raise TypeError(f"{ep.value} is not an AdapterType subclass")
+            types.setdefault(name, cls())
+        except Exception as exc:  # a broken plug-in must not take the server down
+            _warn_once(ep.value, f"adapter type plug-in {name} ({ep.value}) cannot be loaded: {exc}")
     return types
 
 
