@@ -87,7 +87,7 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
 def _read_config(text: bytes, report: LoadReport) -> dict[str, Any] | None:
     try:
         raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         report.config_errors.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
         return None
     if not isinstance(raw, dict):
