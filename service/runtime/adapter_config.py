@@ -7,6 +7,7 @@ explicitly instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +56,11 @@ def parse_lora_config(raw: dict[str, Any]) -> ParsedConfig:
     typed = TypedReader(raw, errors)
     cfg = LoraAdapterConfig(raw=raw)
     cfg.r = typed("r", (int,), 8)
-    if cfg.r <= 0:
-        errors.append(f"r must be positive, got {cfg.r}")
+    if cfg.r <= 0 or not finite_number(cfg.r):
+        errors.append(f"r must be a positive number that fits a float, got {cfg.r!r:.40}")
     cfg.lora_alpha = typed("lora_alpha", (int, float), 8)
+    if not finite_number(cfg.lora_alpha):
+        errors.append(f"lora_alpha must be a finite number that fits a float, got {cfg.lora_alpha!r:.40}")
     cfg.use_rslora = typed("use_rslora", (bool,), False)
     cfg.use_dora = typed("use_dora", (bool,), False)
     cfg.lora_bias = typed("lora_bias", (bool,), False)
@@ -148,6 +151,16 @@ def parse_rank_patterns(raw: dict[str, Any], cfg: Any, errors: list[str]) -> Non
         setattr(cfg, name, dict(pattern))
     if any(v <= 0 for v in cfg.rank_pattern.values()):
         errors.append("rank_pattern ranks must be positive")
+    if not all(finite_number(v) for v in (*cfg.rank_pattern.values(), *cfg.alpha_pattern.values())):
+        errors.append("rank_pattern and alpha_pattern values must be finite numbers that fit a float")
+
+
+def finite_number(value: float) -> bool:
+    """False for NaN, infinities and ints too large for a float: a scaling would be NaN or overflow."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _string_or_list(raw: dict[str, Any], name: str, errors: list[str]) -> list[str] | str | None:

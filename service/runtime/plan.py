@@ -10,6 +10,7 @@ an error, not a silently initialised layer, and base-model keys never show up as
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -69,10 +70,14 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
 
     keys = AdapterKeys(_strip_prefix(header, report), report)
     plan = AdapterPlan(adapter_id, adapter_type, cfg, report, weights_path)
-    _plan_targets(plan, index, keys)
-    plan.shared = _guarded(report, adapter_type, "plan shared keys",
-                           lambda: adapter_type.plan_shared(cfg, index, keys, report)) or {}
-    _plan_replacements(plan, index, keys)
+    try:
+        _plan_targets(plan, index, keys)
+        plan.shared = _guarded(report, adapter_type, "plan shared keys",
+                               lambda: adapter_type.plan_shared(cfg, index, keys, report)) or {}
+        _plan_replacements(plan, index, keys)
+    except re.error as exc:  # target_modules, exclude_modules, modules_to_save and patterns are regexes
+        report.config_errors.append(f"a module pattern is not a valid regular expression ({exc}): {exc.pattern!r}")
+        raise AdapterValidationError(report) from None
     report.unexpected_keys = keys.unused()
     ranks = sorted({r for t in plan.targets if isinstance(r := t.info.get("rank"), int)})
     if max_rank is not None and ranks and ranks[-1] > max_rank:
@@ -87,7 +92,7 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
 def _read_config(text: bytes, report: LoadReport) -> dict[str, Any] | None:
     try:
         raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+    except (ValueError, RecursionError) as exc:  # also: nested too deeply, an int with thousands of digits
         report.config_errors.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
         return None
     if not isinstance(raw, dict):
@@ -118,6 +123,8 @@ def _guarded(report: LoadReport, adapter_type: AdapterType, what: str, call: Cal
     """Run a type's hook; a plug-in's bug becomes a config error in the report, not a server error."""
     try:
         return call()
+    except re.error:
+        raise  # a bad pattern in the config, reported as such by the caller
     except Exception as exc:
         report.config_errors.append(f"adapter type {adapter_type.peft_type} failed to {what}: "
                                     f"{type(exc).__name__}: {exc}")
