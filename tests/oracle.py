@@ -49,7 +49,9 @@ def make_peft_adapter(base: torch.nn.Module, out_dir: Path, seed: int = 1, confi
     """Train-free adapter: PEFT injects it, every trainable tensor gets seeded noise, PEFT saves it.
 
     `config_class` picks the PEFT method (LoraConfig by default; IA3Config, LoHaConfig, ...)."""
-    model = get_peft_model(copy.deepcopy(base), config_class(**config_kwargs))
+    with torch.random.fork_rng():  # PEFT's own init draws from the global generator: seed it for determinism
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(base), config_class(**config_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
