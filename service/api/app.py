@@ -17,6 +17,7 @@ from ..settings import Settings
 from ..store import AdapterStore
 from . import routes_adapters, routes_generate, routes_health, routes_metrics, routes_openai, routes_vllm
 from .auth import ApiKeys
+from .body_limit import StreamedBodyLimit
 from .deps import ServiceState
 from .errors import install_error_handlers
 from .middleware import install_request_middleware
@@ -55,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="adapter-service", version="0.1.0", lifespan=lifespan)
     app.state.api_keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)  # fails fast
     install_error_handlers(app)
+    app.add_middleware(StreamedBodyLimit, max_body_bytes=settings.max_request_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)  # inside the request-id middleware
     install_request_middleware(app, metrics, settings.max_request_body_bytes, settings.max_upload_bytes)
     for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics):
         app.include_router(module.router)

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 
 from ..logging_setup import request_id_var
 from ..metrics import ServiceMetrics
+from .body_limit import body_limit
 from .errors import error_body
 
 REQUEST_ID_HEADER = "X-Request-ID"
-MULTIPART_OVERHEAD = 1024 * 1024  # room for part headers and boundaries on top of the upload limit
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = logging.getLogger("service.access")
 
@@ -49,16 +49,12 @@ def install_request_middleware(
 
 def _body_too_large(request: Request, limit: int, upload_limit: int) -> JSONResponse | None:
     """413 for a body over its limit, judged by Content-Length before a byte of it is read: JSON bodies over
-    `limit`, multipart uploads over `upload_limit` (a chunked upload is cut off by the store's byte budget)."""
+    `limit`, multipart uploads over `upload_limit` (chunked bodies are counted as they arrive: body_limit.py)."""
     length = request.headers.get("content-length", "")
     if not length.isdigit():
         return None
-    if request.headers.get("content-type", "").startswith("multipart/"):
-        if int(length) <= upload_limit + MULTIPART_OVERHEAD:
-            return None
-        message, details = f"upload exceeds the limit of {upload_limit} bytes", {"max_bytes": upload_limit}
-        return JSONResponse(error_body("upload_too_large", message, details), status_code=413)
-    if int(length) <= limit:
+    max_bytes, code, message = body_limit(dict(request.headers), limit, upload_limit)
+    if int(length) <= max_bytes:
         return None
-    return JSONResponse(error_body("body_too_large", f"request body exceeds {limit} bytes", {"max_bytes": limit}),
-                        status_code=413)
+    shown = upload_limit if code == "upload_too_large" else limit
+    return JSONResponse(error_body(code, message, {"max_bytes": shown}), status_code=413)

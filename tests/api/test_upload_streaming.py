@@ -75,6 +75,14 @@ def multipart_upload(config: bytes, weights_size: int, weights: Iterator[bytes])
     return sum(map(len, pieces)) + weights_size + len(tail), body()
 
 
+def bytes_written(pid: int) -> int:
+    """Bytes the process has written so far (files, sockets, pipes): /proc/<pid>/io `wchar`."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/<pid>/io")
+
+
 def post_upload(server: ServerProcess, size: int, body: Iterator[bytes], send_length: bool = True) -> httpx.Response:
     headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     if send_length:
@@ -121,10 +129,14 @@ def test_an_upload_over_the_limit_is_a_413_that_leaves_nothing(model_dir, tmp_pa
     try:
         _warm_up(server, config)
         before_store, before_peak = tree(store), peak_rss(server.proc.pid)
+        before_written = bytes_written(server.proc.pid)
         size, weights = weights_stream(64 * MiB)
         response = post_upload(server, *multipart_upload(config, size, weights), send_length=send_length)
         growth = peak_rss(server.proc.pid) - before_peak
         assert response.status_code == 413, response.text
+        # Not spooled to a temporary file either: a chunked body is cut off once it passes the limit.
+        written = bytes_written(server.proc.pid) - before_written
+        assert written < limit + 8 * MiB, f"the server wrote {written / MiB:.1f} MiB for a refused upload"
         error = response.json()["error"]
         assert error["code"] == "upload_too_large" and error["details"] == {"max_bytes": limit}
         assert str(limit) in error["message"]
