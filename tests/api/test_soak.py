@@ -97,11 +97,14 @@ def test_deleted_adapter_never_stays_active(soak_server, pool) -> None:
         files = AdapterFiles.read(pool[2])  # the smallest adapter: quick uploads, many races
         async with httpx.AsyncClient(base_url=soak_server.url, timeout=60) as http:
             client = SoakClient(0, http, book, [files], seed=0, max_live=1, max_new_tokens=2)
-            for i in range(40):
+            # Which side wins is up to the scheduler: race until both orders were seen (bounded).
+            for i in range(200):
                 adapter_id = f"race-{i}"
                 assert (await upload(http, files, adapter_id)).status_code == 201
                 book.live.add(adapter_id)
                 await client.activate_during_delete()
+                if i >= 39 and book.ops[("activate_during_delete", 200)] and book.ops[("activate_during_delete", 404)]:
+                    break
             listing = (await http.get("/adapters")).json()
             assert listing == {"adapters": [], "active": None}
             reply = await http.post("/generate", json={"prompt": "x", "max_new_tokens": 2})
@@ -110,7 +113,7 @@ def test_deleted_adapter_never_stays_active(soak_server, pool) -> None:
 
     book = asyncio.run(race())
     assert book.failures == [] and book.server_errors == [] and book.lost == []
-    assert book.ops[("delete", 200)] == 40
+    assert book.ops[("delete", 200)] >= 40
     # Both orders happened, so the race was really run both ways.
     assert book.ops[("activate_during_delete", 200)] and book.ops[("activate_during_delete", 404)]
 
