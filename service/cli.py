@@ -1,4 +1,5 @@
-"""Command line: `python -m service serve`, `make-adapter`, and the client commands `adapters` and `generate`."""
+"""Command line: `python -m service serve`, `serve-ray`, `make-adapter`, and the client commands `adapters` and
+`generate`."""
 
 from __future__ import annotations
 
@@ -14,32 +15,25 @@ SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
                "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
                "lora_roots", "log_json", "api_keys_file", "log_level")
+RAY_FLAGS = ("ray_address", "num_replicas", "max_adapters_per_replica", "replica_num_cpus", "replica_num_gpus",
+             "replica_lease_s", "replica_retries")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="PEFT adapter serving")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (every flag also settable as ADAPTER_SERVICE_<FLAG>)")
-    serve.add_argument("--model", help="local model directory or hub id (default: embedded demo model)")
-    serve.add_argument("--store", help="adapter store directory (default: adapters_store)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
-    serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
-    serve.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int)
-    serve.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
-    serve.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
-    serve.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
-    for flag in ("max-adapters", "max-adapter-rank", "max-prompt-tokens", "max-new-tokens", "max-request-body-bytes"):
-        serve.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
-    serve.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
-                       help="directory POST /v1/load_lora_adapter may load from (repeatable)")
-    serve.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
-    serve.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
-                       help="file of '<scope> <key>' lines (scopes: admin, inference); also ADAPTER_SERVICE_API_KEYS")
-    serve.add_argument("--log-level", dest="log_level")
+    _add_serve_flags(serve)
+    ray_serve = sub.add_parser("serve-ray", help="run on Ray Serve: replicas multiplexing adapters over a shared store "
+                               "(needs the [distributed] extra; see docs/deploy.md)")
+    _add_serve_flags(ray_serve)
+    ray_serve.add_argument("--ray-address", dest="ray_address", help="cluster to join (default: start a local one)")
+    ray_serve.add_argument("--num-replicas", dest="num_replicas", type=int)
+    ray_serve.add_argument("--max-adapters-per-replica", dest="max_adapters_per_replica", type=int)
+    ray_serve.add_argument("--replica-num-cpus", dest="replica_num_cpus", type=float)
+    ray_serve.add_argument("--replica-num-gpus", dest="replica_num_gpus", type=float)
+    ray_serve.add_argument("--replica-lease-s", dest="replica_lease_s", type=float)
+    ray_serve.add_argument("--replica-retries", dest="replica_retries", type=int)
     make = sub.add_parser("make-adapter", help="write a valid PEFT-format LoRA adapter for the demo model")
     make.add_argument("--out", required=True, type=Path)
     make.add_argument("--rank", type=int, default=8)
@@ -50,6 +44,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local model directory or hub id (default: embedded demo model)")
+    parser.add_argument("--store", help="adapter store directory (default: adapters_store)")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
+    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    parser.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int)
+    parser.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
+    parser.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
+    parser.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
+    for flag in ("max-adapters", "max-adapter-rank", "max-prompt-tokens", "max-new-tokens", "max-request-body-bytes"):
+        parser.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
+    parser.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
+                        help="directory POST /v1/load_lora_adapter may load from (repeatable)")
+    parser.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
+    parser.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
+                        help="file of '<scope> <key>' lines (scopes: admin, inference); also ADAPTER_SERVICE_API_KEYS")
+    parser.add_argument("--log-level", dest="log_level")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command in CLIENT_COMMANDS:
@@ -57,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         settings = Settings(**{k: v for k in SERVE_FLAGS if (v := getattr(args, k)) is not None})
         _serve(settings)
+    elif args.command == "serve-ray":
+        settings = Settings(**{k: v for k in SERVE_FLAGS + RAY_FLAGS if (v := getattr(args, k)) is not None})
+        _serve_ray(settings)
     else:
         _make_adapter(args)
 
@@ -74,6 +94,17 @@ def _serve(settings: Settings) -> None:
             "adapters. Set ADAPTER_SERVICE_API_KEYS or --api-keys-file.", settings.host)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, log_config=None)  # our middleware logs each request with its id
+
+
+def _serve_ray(settings: Settings) -> None:
+    from .logging_setup import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        from .distributed.app import run
+    except ImportError as exc:
+        sys.exit(f"serve-ray needs Ray Serve: pip install -e '.[distributed]' ({exc})")
+    run(settings)
 
 
 def _make_adapter(args: argparse.Namespace) -> None:

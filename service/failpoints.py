@@ -7,6 +7,10 @@ variable `SERVICE_FAILPOINT=<name>` (read once, at import; deliberately not an `
 since it is no operator option); when that step runs, the process kills itself with SIGKILL: no `finally`
 blocks, no cleanup, exactly like `kill -9` or the out-of-memory killer. Unarmed, a failpoint costs one
 string comparison.
+
+With `SERVICE_FAILPOINT_ARM_FILE=<path>` as well, the failpoint fires only when it can remove that file: a
+test arms it by creating the file, and exactly one process of a whole cluster dies, once (used for Ray Serve
+replicas, which all inherit one environment; see tests/distributed/).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import signal
 
 ENV_VAR = "SERVICE_FAILPOINT"
+ARM_FILE_VAR = "SERVICE_FAILPOINT_ARM_FILE"
 
 # Every failpoint, in the order an operation reaches them; a test asserts each one is exercised.
 POINTS = (
@@ -30,15 +35,33 @@ POINTS = (
     "delete.in_trash",        # adapter directory renamed into .trash/, not yet removed
 )
 
+# Failpoints of the Ray Serve deployment (not store crash points, so not in POINTS).
+REPLICA_POINTS = (
+    "replica.loading",        # a model replica has built an adapter from the shared store, not yet attached
+)
+
 log = logging.getLogger(__name__)
 
 _armed = os.environ.get(ENV_VAR) or None
-if _armed is not None and _armed not in POINTS:
-    raise ValueError(f"{ENV_VAR}={_armed!r} is not a failpoint; known: {', '.join(POINTS)}")
+_arm_file = os.environ.get(ARM_FILE_VAR) or None
+if _armed is not None and _armed not in (*POINTS, *REPLICA_POINTS):
+    known = ", ".join((*POINTS, *REPLICA_POINTS))
+    raise ValueError(f"{ENV_VAR}={_armed!r} is not a failpoint; known: {known}")
+
+
+def _take_arm_file() -> bool:
+    """True if no arm file is configured, or this process removed it (so no other process fires)."""
+    if _arm_file is None:
+        return True
+    try:
+        os.unlink(_arm_file)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def failpoint(name: str) -> None:
     """Kill this process with SIGKILL if `name` is the armed failpoint; otherwise do nothing."""
-    if name == _armed:
+    if name == _armed and _take_arm_file():
         log.critical("failpoint %s hit: killing the process with SIGKILL", name)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     api_keys: str | None = None
     api_keys_file: Path | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    # ---- Ray Serve deployment (`python -m service serve-ray`, see docs/deploy.md) ----
+    # Cluster to join ("auto", "ray://head:10001"); None starts a local Ray instance on this machine.
+    ray_address: str | None = None
+    num_replicas: int = Field(default=2, ge=1)  # model replicas, each with the whole base model
+    # Adapters resident per replica (Serve's multiplexing LRU); the rest load on demand from the store.
+    max_adapters_per_replica: int = Field(default=16, ge=1)
+    replica_num_cpus: float = Field(default=1.0, ge=0)
+    replica_num_gpus: float = Field(default=0.0, ge=0)
+    # A replica that has not polled the cluster state for this long is presumed dead: deletes stop
+    # waiting for its acknowledgement (its memory is gone with it).
+    replica_lease_s: float = Field(default=10.0, gt=0)
+    # Times the ingress re-sends a generation whose replica died before answering (it lands elsewhere).
+    replica_retries: int = Field(default=3, ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

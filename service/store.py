@@ -128,11 +128,18 @@ class CorruptEntry:
 class AdapterStore:
     """The adapter directory tree under `root`; every change is an atomic rename, guarded by one lock."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, recover: bool = True) -> None:
+        """Open the store; `recover=False` opens it for reading only, without the crash clean-up below.
+
+        Readers that share the directory with a writing process (Ray Serve replicas, see
+        service/distributed/) must not recover: the clean-up would delete that writer's in-progress uploads.
+        """
         self.root = Path(root)
         self.staging = self.root / ".staging"
         self.trash = self.root / ".trash"
         self._lock = threading.Lock()
+        if not recover:
+            return
         for folder in (self.root, self.staging, self.trash):
             folder.mkdir(parents=True, exist_ok=True)
         # Crash recovery: whatever is left in staging or trash belongs to no live operation of this store.

@@ -17,7 +17,7 @@ from .schemas import GenerateRequest, GenerateResponse, Usage
 router = APIRouter(tags=["generate"], dependencies=[Depends(require("inference"))])
 
 
-def _response(result: GenerationResult, adapter_id: str | None) -> GenerateResponse:
+def generate_response(result: GenerationResult, adapter_id: str | None) -> GenerateResponse:
     return GenerateResponse(
         text=result.text,
         token_ids=result.token_ids,
@@ -42,25 +42,25 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     )
     generation = GenerationRequest(state.base.tokenizer(body.prompt)["input_ids"], adapter_id, params)
     if not body.stream:
-        return _response(await generate_result(state, generation), adapter_id)
+        return generate_response(await generate_result(state, generation), adapter_id)
     events = await generate_events(state, generation)
 
     async def sse() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 if isinstance(event, GenerationResult):
-                    final = _response(event, adapter_id)
-                    yield _sse({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
+                    final = generate_response(event, adapter_id)
+                    yield sse_event({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
                                 "text": final.text, "adapter_id": final.adapter_id})
                 else:
-                    yield _sse({"token_id": event.token_id, "text": event.text})
+                    yield sse_event({"token_id": event.token_id, "text": event.text})
         except ApiError as exc:  # headers are gone: the error becomes the last event
-            yield _sse(error_body(exc.code, exc.message, exc.details))
+            yield sse_event(error_body(exc.code, exc.message, exc.details))
         finally:
             await events.aclose()
 
     return ClosingStreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _sse(data: dict) -> bytes:
+def sse_event(data: dict) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()

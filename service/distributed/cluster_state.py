@@ -1,0 +1,211 @@
+"""Cluster-wide adapter state: which version of each adapter exists, which one is active, and deletes that
+every live replica has acknowledged.
+
+One instance runs as a named, detached Ray actor (see `app.py`); it is plain asyncio code, so it is tested
+without Ray too. Every method returns plain data (never raises across the actor boundary for a client
+error): the ingress maps the codes to HTTP errors.
+
+Versions: an adapter's model id is `adapter_id@version`, the version being a digest of its stored files, so
+a delete followed by an upload under the same id always gets a model id no replica has seen, even after this
+actor restarts (it is re-seeded from the store).
+
+Deletes: `begin_delete` hides the adapter at once and opens a new epoch naming its model id; replicas
+long-poll `poll`, free what the epochs name (after their running requests end) and `ack` it. `wait_acked`
+returns once every live replica (one that polled within the lease) has acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAME = "adapter-service-state"
+NAMESPACE = "adapter-service"
+
+
+def adapter_version(sha256: str, config_sha256: str) -> str:
+    """The version of stored adapter files: changes whenever the weights or the config change."""
+    return f"{sha256[:16]}{config_sha256[:8]}"
+
+
+def model_id(adapter_id: str, version: str) -> str:
+    return f"{adapter_id}@{version}"
+
+
+def split_model_id(multiplexed_id: str) -> tuple[str, str]:
+    adapter_id, _, version = multiplexed_id.rpartition("@")
+    return adapter_id, version
+
+
+@dataclass
+class ReplicaLease:
+    last_poll: float
+    acked_epoch: int = 0
+    resident: list[str] = field(default_factory=list)  # model ids resident on that replica
+    freed: dict[str, int] = field(default_factory=dict)  # model id -> bytes freed on delete
+
+
+class ClusterState:
+    def __init__(self, max_adapters: int = 10_000, lease_s: float = 10.0) -> None:
+        self.max_adapters = max_adapters
+        self.lease_s = lease_s
+        self.seeded = False
+        self.entries: dict[str, dict[str, Any]] = {}  # adapter id -> info (with "version")
+        self.reserved: set[str] = set()  # ids with an upload in progress
+        self.deleting: set[str] = set()
+        self.active: str | None = None
+        self.epoch = 0
+        self.drops: list[tuple[int, str]] = []  # (epoch, model id) to free, in epoch order
+        self.replicas: dict[str, ReplicaLease] = {}
+        self._changed = asyncio.Condition()
+
+    # ---- adapters --------------------------------------------------------------------------------------
+
+    def seed(self, entries: list[dict[str, Any]], active: str | None) -> bool:
+        """Load the store's contents once (the first ingress to start); later calls change nothing."""
+        if self.seeded:
+            return False
+        self.entries = {e["id"]: e for e in entries}
+        self.active = active if active in self.entries else None
+        self.seeded = True
+        return True
+
+    def reserve(self, adapter_id: str) -> str | None:
+        """Claim an id for an upload; an error code if it is taken or the limit is reached."""
+        if adapter_id in self.entries or adapter_id in self.reserved:
+            return "adapter_exists"
+        if len(self.entries) + len(self.reserved) >= self.max_adapters:
+            return "adapter_limit_reached"
+        self.reserved.add(adapter_id)
+        return None
+
+    def release(self, adapter_id: str) -> None:
+        """Give up a reservation (the upload failed)."""
+        self.reserved.discard(adapter_id)
+
+    def register(self, entry: dict[str, Any]) -> None:
+        """Publish a committed upload: from now on every replica may load it."""
+        self.reserved.discard(entry["id"])
+        self.entries[entry["id"]] = entry
+
+    def lookup(self, adapter_id: str) -> dict[str, Any] | None:
+        """The adapter's info, None if unknown or being deleted."""
+        if adapter_id in self.deleting:
+            return None
+        return self.entries.get(adapter_id)
+
+    def resolve(self, requested: str | None) -> tuple[str, dict[str, Any] | None]:
+        """("ok", entry or None for the base model) or ("adapter_not_found", None) for a request's adapter."""
+        if requested == "base" or (requested is None and self.active is None):
+            return "ok", None
+        entry = self.lookup(requested or self.active or "")
+        return ("ok", entry) if entry is not None else ("adapter_not_found", None)
+
+    def listing(self) -> dict[str, Any]:
+        """Visible adapters (oldest first), the active one, model ids resident anywhere, and per live replica."""
+        visible = [e for i, e in self.entries.items() if i not in self.deleting]
+        live = self._live()
+        resident = {m for lease in live.values() for m in lease.resident}
+        return {"adapters": sorted(visible, key=lambda e: (e["created_at"], e["id"])), "active": self.active,
+                "resident": sorted(resident), "replicas": {r: sorted(lease.resident) for r, lease in live.items()}}
+
+    def activate(self, adapter_id: str | None) -> bool:
+        """Make an adapter the cluster-wide default (None: the base model); False if it does not exist."""
+        if adapter_id is not None and self.lookup(adapter_id) is None:
+            return False
+        self.active = adapter_id
+        return True
+
+    # ---- deletes -----------------------------------------------------------------------------------------
+
+    async def begin_delete(self, adapter_id: str) -> tuple[int, dict[str, Any]] | None:
+        """Hide the adapter (new requests 404 at once) and ask every replica to free it; (epoch, entry)."""
+        entry = self.lookup(adapter_id)
+        if entry is None:
+            return None
+        self.deleting.add(adapter_id)
+        if self.active == adapter_id:
+            self.active = None
+        async with self._changed:
+            self.epoch += 1
+            self.drops.append((self.epoch, model_id(adapter_id, entry["version"])))
+            self._changed.notify_all()
+        return self.epoch, entry
+
+    async def wait_acked(self, epoch: int, name: str, timeout: float) -> dict[str, Any]:
+        """Wait until every live replica acknowledged `epoch`; the bytes each freed for model id `name`."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                pending = [r for r, lease in self._live().items() if lease.acked_epoch < epoch]
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    break
+                try:  # woken by each poll; the timeout re-checks leases that expired meanwhile
+                    await asyncio.wait_for(self._changed.wait(), min(left, self.lease_s / 4))
+                except TimeoutError:
+                    pass
+        freed = {r: lease.freed.get(name, 0) for r, lease in self.replicas.items() if lease.acked_epoch >= epoch}
+        return {"pending": pending, "freed": freed}
+
+    def finish_delete(self, adapter_id: str) -> None:
+        """The files are gone from the store: forget the adapter (its id may be uploaded again)."""
+        self.deleting.discard(adapter_id)
+        self.entries.pop(adapter_id, None)
+
+    def abort_delete(self, adapter_id: str) -> None:
+        """The store refused the delete: the adapter stays (replicas reload it on demand)."""
+        self.deleting.discard(adapter_id)
+
+    # ---- replicas ----------------------------------------------------------------------------------------
+
+    async def poll(self, replica: str, seen_epoch: int, resident: list[str], timeout: float) -> tuple[int, list[str]]:
+        """A replica's heartbeat and change feed: waits up to `timeout` for an epoch beyond `seen_epoch`.
+
+        Returns (latest epoch, model ids to free named after `seen_epoch`). A replica's first poll registers
+        it at the current epoch: it holds nothing yet, so it owes no earlier acknowledgement.
+        """
+        lease = self.replicas.get(replica)
+        if lease is None:
+            lease = self.replicas[replica] = ReplicaLease(time.monotonic(), acked_epoch=self.epoch)
+            seen_epoch = max(seen_epoch, self.epoch)
+        lease.last_poll, lease.resident = time.monotonic(), resident
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.epoch > seen_epoch), timeout)
+            except TimeoutError:
+                pass
+        lease.last_poll = time.monotonic()
+        return self.epoch, [name for epoch, name in self.drops if epoch > seen_epoch]
+
+    async def ack(self, replica: str, epoch: int, freed: dict[str, int], resident: list[str]) -> None:
+        """The replica has freed every model id named up to `epoch` (`freed`: bytes per model id)."""
+        lease = self.replicas.setdefault(replica, ReplicaLease(time.monotonic()))
+        lease.last_poll, lease.resident = time.monotonic(), resident
+        lease.acked_epoch = max(lease.acked_epoch, epoch)
+        lease.freed.update(freed)
+        async with self._changed:
+            self._changed.notify_all()  # wake the deletes waiting for this acknowledgement
+
+    def _live(self) -> dict[str, ReplicaLease]:
+        now = time.monotonic()
+        return {r: lease for r, lease in self.replicas.items() if now - lease.last_poll <= self.lease_s}
+
+
+def state_actor(store: Path, max_adapters: int, lease_s: float):
+    """A handle to the cluster state of this store, created on first use.
+
+    Named after the store path (two deployments on two stores never share state) and detached, so it
+    outlives any ingress or replica that restarts. Imports ray only here: the class itself needs none.
+    """
+    import ray
+
+    digest = hashlib.sha256(str(Path(store).resolve()).encode()).hexdigest()[:12]
+    actor = ray.remote(ClusterState).options(
+        name=f"{NAME}-{digest}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+    )
+    return actor.remote(max_adapters, lease_s)

@@ -1,0 +1,269 @@
+"""The ingress deployment: the REST contract of `python -m service serve` in front of the model replicas.
+
+It holds no model. Admin operations write the shared store (the ingress is its one writer) and the cluster
+state; uploads are validated once, by any replica, before the commit. Generations go to a replica through
+the handle, with the multiplexed model id `adapter_id@version` so Serve prefers a replica that holds it.
+Responses carry `X-Replica-Id`, the replica that generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
+
+from ..api.auth import ApiKeys, require
+from ..api.errors import ApiError, install_error_handlers
+from ..api.middleware import install_request_middleware
+from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest
+from ..demo_model import DEMO_MODEL_NAME
+from ..metrics import ServiceMetrics
+from ..settings import Settings
+from ..store import AdapterStore, StoredAdapter, new_adapter_id, validate_adapter_id
+from .cluster_state import adapter_version, model_id, state_actor
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "X-Replica-Id"
+_RETRYABLE = (RayActorError, ReplicaUnavailableError)  # the replica died or went away before answering
+
+
+def stored_entry(stored: StoredAdapter, resident_bytes: int = 0) -> dict[str, Any]:
+    """What the cluster state keeps about one stored adapter."""
+    return {"id": stored.id, "version": adapter_version(stored.sha256, stored.config_sha256),
+            "summary": stored.config, "sha256": stored.sha256, "created_at": stored.created_at,
+            "resident_bytes": resident_bytes}
+
+
+def adapter_info(entry: dict[str, Any], active: str | None, resident: set[str]) -> AdapterInfo:
+    summary = entry["summary"]
+    is_resident = model_id(entry["id"], entry["version"]) in resident
+    return AdapterInfo(
+        id=entry["id"], type=summary.get("peft_type", "LORA"), rank=int(summary.get("rank", summary.get("r", 0))),
+        alpha=summary.get("lora_alpha", 0), target_modules=summary.get("target_modules"),
+        modules_to_save=summary.get("modules_to_save") or [],
+        resident_bytes=entry["resident_bytes"] if is_resident else 0, sha256=entry["sha256"],
+        active=entry["id"] == active, created_at=entry["created_at"], resident=is_resident, load_ms=None,
+    )
+
+
+def _api_error(reply: dict[str, Any]) -> ApiError:
+    error = reply["body"]["error"]
+    return ApiError(reply["status"], error["code"], error["message"], error["details"], reply.get("headers") or None)
+
+
+@serve.ingress()
+class Ingress:
+    """The HTTP front door (wrapped by `serve.deployment` in app.py)."""
+
+    def __init__(self, settings: dict[str, Any], replicas) -> None:
+        self.settings = Settings(**settings)
+        self.replicas = replicas
+        self.store = AdapterStore(self.settings.store)  # the one writer, so its crash clean-up is safe here
+        self.state = state_actor(self.settings.store, self.settings.max_adapters, self.settings.replica_lease_s)
+        self.metrics = ServiceMetrics()
+        self._seeded = False
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_ingress_app(self)
+
+    async def ensure_seeded(self) -> None:
+        """Load the store into the cluster state once (the state actor ignores later seeds)."""
+        if not self._seeded:
+            stored, corrupt = await asyncio.to_thread(self.store.scan)
+            for entry in corrupt:
+                log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
+            await self.state.seed.remote([stored_entry(s) for s in stored], self.store.get_active())
+            self._seeded = True
+
+    async def call_replica(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Await a replica call; if its replica died first, send it again (Serve routes it to a live one)."""
+        for attempt in range(self.settings.replica_retries + 1):
+            try:
+                return await call()
+            except _RETRYABLE as exc:
+                log.warning("replica gone before answering (attempt %d): %s", attempt + 1, type(exc).__name__)
+        raise ApiError(503, "replica_unavailable", "no model replica answered; retry later",
+                       headers={"Retry-After": "1"})
+
+    # ---- operations the routes call ---------------------------------------------------------------------
+
+    async def upload(self, files: list[tuple[str, Any]], adapter_id: str | None) -> AdapterInfo:
+        """Stage -> validate on a replica -> commit to the store -> publish the version; all or nothing."""
+        adapter_id = validate_adapter_id(adapter_id or new_adapter_id())
+        code = await self.state.reserve.remote(adapter_id)
+        if code == "adapter_exists":
+            raise ApiError(409, code, f"adapter '{adapter_id}' already exists", {"adapter_id": adapter_id})
+        if code is not None:
+            raise ApiError(409, code, f"the store holds its limit of {self.settings.max_adapters} adapters; "
+                           "delete one first", {"max_adapters": self.settings.max_adapters})
+        staged = None
+        try:
+            staged = await asyncio.to_thread(self.store.stage_files, files, self.settings.max_upload_bytes)
+            checked = await self.call_replica(lambda: self.replicas.validate.remote(adapter_id, str(staged.path)))
+            if checked["status"] != 200:
+                raise _api_error(checked)
+            stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, checked["body"]["summary"])
+            staged = None
+            entry = stored_entry(stored, checked["body"]["resident_bytes"])
+            await self.state.register.remote(entry)  # visible to every replica from here on
+        finally:
+            if staged is not None:
+                await self.state.release.remote(adapter_id)
+                await asyncio.to_thread(staged.discard)
+        listing = await self.state.listing.remote()
+        return adapter_info(entry, listing["active"], set(listing["resident"]))
+
+    async def delete(self, adapter_id: str) -> DeleteResponse:
+        """Hide at once, wait until every live replica freed it, then remove the files."""
+        begun = await self.state.begin_delete.remote(adapter_id)
+        if begun is None:
+            raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
+                           {"adapter_id": adapter_id})
+        epoch, entry = begun
+        name = model_id(adapter_id, entry["version"])
+        timeout = self.settings.request_timeout_s + 2 * self.settings.replica_lease_s
+        acks = await self.state.wait_acked.remote(epoch, name, timeout)
+        if acks["pending"]:
+            log.error("replicas %s did not confirm freeing %s; they refuse it anyway", acks["pending"], name)
+        try:
+            await asyncio.to_thread(self.store.delete, adapter_id)
+        except BaseException:
+            await self.state.abort_delete.remote(adapter_id)
+            raise
+        await self.state.finish_delete.remote(adapter_id)
+        return DeleteResponse(deleted=adapter_id, freed_bytes=sum(acks["freed"].values()))
+
+    async def activate(self, adapter_id: str | None) -> ActiveResponse:
+        if not await self.state.activate.remote(adapter_id):
+            raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
+                           {"adapter_id": adapter_id})
+        await asyncio.to_thread(self.store.set_active, adapter_id)  # restored when the cluster restarts
+        return ActiveResponse(active=adapter_id)
+
+    async def generate(self, body: GenerateRequest) -> JSONResponse | StreamingResponse:
+        status, entry = await self.state.resolve.remote(body.adapter_id)
+        if status != "ok":
+            raise ApiError(404, status, f"adapter '{body.adapter_id}' does not exist", {"adapter_id": body.adapter_id})
+        handle = self.replicas.options(multiplexed_model_id=model_id(entry["id"], entry["version"]) if entry else "")
+        payload = body.model_dump()
+        if not body.stream:
+            reply = await self.call_replica(lambda: handle.generate.remote(payload))
+            return JSONResponse(reply["body"], reply["status"], {**reply["headers"], REPLICA_HEADER: reply["replica"]})
+        streaming = handle.options(stream=True)
+        chunks = None
+
+        async def first() -> Any:
+            nonlocal chunks
+            chunks = streaming.generate_stream.remote(payload)
+            return await chunks.__anext__()
+
+        head = await self.call_replica(first)  # retried only before the first byte: later, a retry would repeat
+        if head["status"] != 200:
+            return JSONResponse(head["body"], head["status"], {**head["headers"], REPLICA_HEADER: head["replica"]})
+
+        async def rest() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                yield chunk
+
+        return StreamingResponse(rest(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", REPLICA_HEADER: head["replica"]})
+
+    async def health(self) -> dict[str, Any]:
+        listing = await self.state.listing.remote()
+        resident = set(listing["resident"])
+        entries = listing["adapters"]
+        return {
+            "status": "ok", "model": self.settings.model or DEMO_MODEL_NAME, "device": self.settings.device,
+            "active_adapter": listing["active"], "adapters": len(entries),
+            "adapter_bytes": sum(e["resident_bytes"] for e in entries if model_id(e["id"], e["version"]) in resident),
+            "adapters_resident": len(resident), "replicas": listing["replicas"],
+        }
+
+
+async def _seeded_ingress(request: Request) -> Ingress:
+    ingress = request.app.state.ingress
+    await ingress.ensure_seeded()
+    return ingress
+
+
+Svc = Annotated[Ingress, Depends(_seeded_ingress)]
+
+
+def build_ingress_app(ingress: Ingress) -> FastAPI:
+    """The FastAPI app of one ingress replica: the routes of service/api that make sense across a cluster."""
+    app = FastAPI(title="adapter-service (Ray Serve)", version="0.1.0")
+    app.state.api_keys = ApiKeys.from_settings(ingress.settings.api_keys, ingress.settings.api_keys_file)
+    install_error_handlers(app)
+    install_request_middleware(app, ingress.metrics, ingress.settings.max_request_body_bytes)
+    app.state.ingress = ingress
+    admin, read = [Depends(require("admin"))], [Depends(require("inference"))]
+
+    @app.get("/health", tags=["health"])
+    async def health(svc: Svc) -> dict[str, Any]:
+        """Active adapter, adapters registered and resident, live replicas."""
+        return await svc.health()
+
+    @app.post("/adapters", status_code=201, response_model=AdapterInfo, dependencies=admin, tags=["adapters"])
+    async def upload_adapter(
+        request: Request, svc: Svc,
+        files: Annotated[list[UploadFile], File(description="the two adapter files, or one archive")],
+        adapter_id: Annotated[str | None, Form()] = None,
+    ) -> AdapterInfo:
+        """Upload a PEFT-format adapter: validated once, stored, then visible to every replica."""
+        length, limit = request.headers.get("content-length"), svc.settings.max_upload_bytes
+        if length is not None and length.isdigit() and int(length) > limit + 1024 * 1024:  # multipart overhead
+            raise ApiError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes", {"max_bytes": limit})
+        return await svc.upload([(f.filename or "", f.file) for f in files], adapter_id or None)
+
+    @app.get("/adapters", response_model=AdapterList, dependencies=read, tags=["adapters"])
+    async def list_adapters(svc: Svc) -> AdapterList:
+        """Every adapter and the active one."""
+        listing = await svc.state.listing.remote()
+        resident = set(listing["resident"])
+        return AdapterList(adapters=[adapter_info(e, listing["active"], resident) for e in listing["adapters"]],
+                           active=listing["active"])
+
+    @app.get("/adapters/{adapter_id}", response_model=AdapterInfo, dependencies=read, tags=["adapters"])
+    async def get_adapter(adapter_id: str, svc: Svc) -> AdapterInfo:
+        """One adapter's info."""
+        entry = await svc.state.lookup.remote(adapter_id)
+        if entry is None:
+            raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
+                           {"adapter_id": adapter_id})
+        listing = await svc.state.listing.remote()
+        return adapter_info(entry, listing["active"], set(listing["resident"]))
+
+    @app.put("/adapters/{adapter_id}/activate", response_model=ActiveResponse, response_model_exclude_unset=True,
+             dependencies=admin, tags=["adapters"])
+    async def activate_adapter(adapter_id: str, svc: Svc, fuse: bool = False) -> ActiveResponse:
+        """Make this adapter the default for requests that name none, on every replica."""
+        if fuse:
+            raise ApiError(422, "fuse_unsupported", "fused activation is not available on Ray Serve; activate "
+                           "without fuse=true", {"adapter_id": adapter_id})
+        return await svc.activate(adapter_id)
+
+    @app.delete("/adapters/active", response_model=ActiveResponse, response_model_exclude_unset=True,
+                dependencies=admin, tags=["adapters"])
+    async def deactivate(svc: Svc) -> ActiveResponse:
+        """Requests that name no adapter use the base model from now on."""
+        return await svc.activate(None)
+
+    @app.delete("/adapters/{adapter_id}", response_model=DeleteResponse, dependencies=admin, tags=["adapters"])
+    async def delete_adapter(adapter_id: str, svc: Svc) -> DeleteResponse:
+        """Delete: new requests 404 at once; returns once every live replica has freed it."""
+        return await svc.delete(adapter_id)
+
+    @app.post("/generate", dependencies=read, tags=["generate"])
+    async def generate(body: GenerateRequest, svc: Svc):
+        """Generate a completion on a replica (JSON, or server-sent events with `"stream": true`)."""
+        return await svc.generate(body)
+
+    return app

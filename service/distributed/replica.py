@@ -1,0 +1,211 @@
+"""One model replica: the same base model, runtime and continuous-batching engine as `python -m service serve`,
+with adapters loaded on demand from the shared store through Serve's model multiplexing.
+
+The multiplexed model id of a request is `adapter_id@version` ("" for the base model); Serve routes it to a
+replica that already holds it when one does, and each replica keeps at most `max_adapters_per_replica`
+resident (least recently used evicted and freed). A background task follows the cluster state and frees
+deleted adapters, acknowledging each delete.
+
+Replies are plain dicts (`{"status", "body", "replica"}`), never exceptions: an error keeps its status code
+and JSON body across the Ray boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from ..api.deps import ServiceState
+from ..api.errors import ApiError, error_body
+from ..api.generation import generate_events, generate_result
+from ..api.routes_generate import generate_response, sse_event
+from ..api.schemas import GenerateRequest
+from ..engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+from ..failpoints import failpoint
+from ..metrics import ServiceMetrics
+from ..model_loading import load_base_model
+from ..runtime import AdapterError, AdapterRuntime
+from ..settings import Settings
+from .cluster_state import split_model_id, state_actor
+from .resident import ResidentAdapter, ResidentAdapters
+from .shared_store import SharedDirectorySource, StaleAdapterError
+
+log = logging.getLogger(__name__)
+
+_ERROR_STATUS = {"adapter_not_found": 404, "adapter_exists": 409, "invalid_adapter": 422,
+                 "mixed_batch_unsupported": 422}
+_MULTIPLEXER_ATTR = "__serve_multiplex_wrapper"  # where serve.multiplexed keeps its LRU (ray/serve/api.py)
+
+
+def reply(status: int, body: Any, replica: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"status": status, "body": body, "replica": replica, "headers": headers or {}}
+
+
+class AdapterReplica:
+    """The model deployment (wrapped by `serve.deployment` in app.py, with the settings' options)."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        base = load_base_model(self.settings)
+        runtime = AdapterRuntime(base.model, max_rank=self.settings.max_adapter_rank)
+        engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=self.settings.max_batch_size,
+                        max_waiting=self.settings.max_waiting_requests,
+                        prefill_token_budget=self.settings.prefill_token_budget)
+        engine.start()
+        self.adapters = ResidentAdapters(engine)
+        self.service = ServiceState(self.settings, base, engine, self.adapters, ServiceMetrics())  # type: ignore[arg-type]
+        self.source = SharedDirectorySource(self.settings.store)
+        self.state = state_actor(self.settings.store, self.settings.max_adapters, self.settings.replica_lease_s)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+        # A closure, not a bound method: serve.multiplexed stores its LRU as an attribute of the function.
+        async def load(model_id: str) -> ResidentAdapter:
+            return await self._load(model_id)
+
+        self._load_fn = load
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_adapters_per_replica)(load)
+        self._follower = asyncio.get_running_loop().create_task(self._follow_state())
+        log.info("replica %s ready (model %s)", self.replica_id, base.name)
+
+    # ---- loading -----------------------------------------------------------------------------------------
+
+    async def _load(self, model_id: str) -> ResidentAdapter:
+        """Load one adapter version from the shared store (Serve's multiplexer calls this on a miss)."""
+        adapter_id, version = split_model_id(model_id)
+        async with self.adapters.lock(model_id):
+            # Checked under the lock a delete's free also takes: either the delete is seen here, or it
+            # waits for this load and frees the result.
+            entry = await self.state.lookup.remote(adapter_id)
+            if entry is None or entry["version"] != version:
+                raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
+                               {"adapter_id": adapter_id})
+            try:
+                stored = await asyncio.to_thread(self.source.fetch, adapter_id, version)
+            except StaleAdapterError as exc:
+                raise ApiError(404, "adapter_not_found", str(exc), {"adapter_id": adapter_id}) from None
+            prepared = await asyncio.to_thread(self.service.engine.runtime.prepare, model_id, stored.path)
+            failpoint("replica.loading")
+            record = await self.adapters.attach(prepared)
+            log.info("replica %s loaded adapter %s", self.replica_id, model_id)
+            return record
+
+    def _forget(self, model_id: str) -> None:
+        """Drop a freed model id from Serve's LRU (private structure: guarded, so a change only costs a slot)."""
+        multiplexer = getattr(self._load_fn, _MULTIPLEXER_ATTR, None)
+        models = getattr(multiplexer, "models", None)
+        if isinstance(models, dict):
+            models.pop(model_id, None)
+            multiplexer._push_multiplexed_replica_info = True  # tell the router this replica no longer has it
+
+    # ---- following the cluster state -------------------------------------------------------------------
+
+    async def _follow_state(self) -> None:
+        """Heartbeat and change feed: free what deletes name, then acknowledge (frees run beside the
+        heartbeat, so a delete waiting for running requests never makes this replica look dead)."""
+        seen = 0
+        drops: asyncio.Queue = asyncio.Queue()
+        asyncio.get_running_loop().create_task(self._free_dropped(drops))
+        while True:
+            try:
+                epoch, names = await self.state.poll.remote(self.replica_id, seen, self.adapters.names,
+                                                            self.settings.replica_lease_s / 4)
+            except Exception:  # the state actor restarting: keep trying, the lease tolerates a gap
+                log.exception("replica %s cannot reach the cluster state", self.replica_id)
+                await asyncio.sleep(self.settings.replica_lease_s / 4)
+                continue
+            if epoch > seen:
+                drops.put_nowait((epoch, names))
+                seen = epoch
+
+    async def _free_dropped(self, drops: asyncio.Queue) -> None:
+        while True:
+            epoch, names = await drops.get()
+            freed: dict[str, int] = {}
+            for model_id in names:
+                async with self.adapters.lock(model_id):
+                    freed[model_id] = await self.adapters.free(model_id)
+                self._forget(model_id)
+            try:
+                await self.state.ack.remote(self.replica_id, epoch, freed, self.adapters.names)
+            except Exception:
+                log.exception("replica %s could not acknowledge epoch %d", self.replica_id, epoch)
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    async def _request(self, body: dict[str, Any]) -> tuple[GenerationRequest, str]:
+        """The engine request for a /generate body, its adapter loaded; (request, adapter id as reported)."""
+        parsed = GenerateRequest(**body)
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._get_adapter(model_id)
+        params = SamplingParams(
+            max_new_tokens=parsed.max_new_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
+            top_k=parsed.top_k, seed=parsed.seed, stop=tuple(parsed.stop), ignore_eos=parsed.ignore_eos,
+        )
+        prompt_ids = self.service.base.tokenizer(parsed.prompt)["input_ids"]
+        label = split_model_id(model_id)[0] if model_id else "base"
+        return GenerationRequest(prompt_ids, model_id or None, params), label
+
+    def _error(self, exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, ApiError):
+            return reply(exc.status, error_body(exc.code, exc.message, exc.details), self.replica_id, exc.headers)
+        if isinstance(exc, AdapterError):
+            details = {"adapter_id": split_model_id(m)[0]} if (m := exc.details.get("adapter_id")) else exc.details
+            return reply(_ERROR_STATUS.get(exc.code, 400), error_body(exc.code, exc.message, details),
+                         self.replica_id)
+        raise exc
+
+    async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One completion: reply with the /generate JSON body."""
+        try:
+            request, label = await self._request(body)
+            result = await generate_result(self.service, request)
+        except (ApiError, AdapterError) as exc:
+            return self._error(exc)
+        return reply(200, generate_response(result, label).model_dump(), self.replica_id)
+
+    async def generate_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | bytes]:
+        """A streamed completion: first a reply (its status decides the HTTP answer), then SSE chunks."""
+        try:
+            request, label = await self._request(body)
+            events = await generate_events(self.service, request)
+        except (ApiError, AdapterError) as exc:
+            yield self._error(exc)
+            return
+        yield reply(200, None, self.replica_id)
+        try:
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    final = generate_response(event, label)
+                    yield sse_event({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
+                                     "text": final.text, "adapter_id": final.adapter_id})
+                else:
+                    yield sse_event({"token_id": event.token_id, "text": event.text})
+        except ApiError as exc:  # headers are gone: the error becomes the last event
+            yield sse_event(error_body(exc.code, exc.message, exc.details))
+        finally:
+            await events.aclose()
+
+    # ---- admin -------------------------------------------------------------------------------------------
+
+    async def validate(self, adapter_id: str, staged: str) -> dict[str, Any]:
+        """Check staged upload files against the model (nothing is attached); the summary to store."""
+        try:
+            prepared = await asyncio.to_thread(self.service.engine.runtime.prepare, adapter_id, Path(staged))
+        except AdapterError as exc:
+            return self._error(exc)
+        summary = {**prepared.config.summary(), "rank": prepared.rank}
+        return reply(200, {"summary": summary, "resident_bytes": prepared.resident_bytes}, self.replica_id)
+
+    async def describe(self) -> dict[str, Any]:
+        """This replica's id, resident adapters and engine load (for /health)."""
+        engine: Engine = self.service.engine
+        return {"replica": self.replica_id, "resident": self.adapters.names, "model": self.service.base.name,
+                "device": str(self.service.base.device), "requests_running": engine.running_requests,
+                "requests_waiting": engine.waiting_requests,
+                "adapter_bytes": sum(r.resident_bytes for r in self.adapters.records.values())}

@@ -1,0 +1,179 @@
+"""The service on a local Ray cluster with 2 model replicas: the REST contract, outputs exactly PEFT's, and
+the consistency of uploads, deletes and activation across replicas (see service/distributed/)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("ray", reason="the distributed suite needs the [distributed] extra (make test-distributed)")
+
+from api.conftest import upload  # noqa: E402
+
+from .conftest import NUM_REPLICAS, wait_for  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+PROMPT = "abcd"
+TOKENS = 8
+
+
+def gen(client, adapter_id, prompt: str = PROMPT, **extra):
+    return client.post("/generate", json={"prompt": prompt, "adapter_id": adapter_id, "max_new_tokens": TOKENS,
+                                          **extra})
+
+
+def burst(client, jobs: list[tuple[str | None, str]]) -> list:
+    """All requests at once, so that they spread over the replicas."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: gen(client, job[0], job[1]), jobs))
+
+
+def test_many_adapters_spread_over_replicas_with_exact_outputs(cluster, oracle) -> None:
+    c = cluster.client
+    wait_for(lambda: len(cluster.replicas()) == NUM_REPLICAS, 30, "both replicas polling the cluster state")
+    names = ["a0", "a1", "a2", "a3", "a4", "a5"]
+    for name in names:
+        r = upload(c, oracle.adapters[name], name)
+        assert r.status_code == 201, r.text
+        assert r.json()["id"] == name and r.json()["rank"] == 4
+    assert [a["id"] for a in c.get("/adapters").json()["adapters"]] == names
+
+    # Two rounds over 6 adapters with 2 resident per replica: the second round reloads evicted adapters.
+    jobs = [(name, prompt) for name in [*names, "base"] for prompt in ("abcd", "wxyz")]
+    served = set()
+    for _ in range(2):
+        for (adapter, prompt), r in zip(jobs, burst(c, jobs), strict=True):
+            assert r.status_code == 200, r.text
+            expected = oracle.tokens(None if adapter == "base" else adapter, prompt, TOKENS)
+            assert r.json()["token_ids"] == expected, (adapter, prompt)
+            assert r.json()["adapter_id"] == adapter
+            served.add(r.headers["X-Replica-Id"])
+    assert len(served) == NUM_REPLICAS, "requests for many adapters reach every replica"
+    # LRU per replica: never more than the limit resident on any one of them.
+    assert all(len(resident) <= 2 for resident in cluster.replicas().values())
+
+
+def test_unknown_adapter_and_bad_requests(cluster) -> None:
+    c = cluster.client
+    r = gen(c, "nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    assert c.get("/adapters/nope").status_code == 404
+    assert c.delete("/adapters/nope").status_code == 404
+    r = c.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 0})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    r = c.put("/adapters/nope/activate")
+    assert r.status_code == 404
+
+
+def test_activation_is_cluster_wide(cluster, oracle) -> None:
+    c = cluster.client
+    assert upload(c, oracle.adapters["a6"], "act").status_code == 201
+    assert c.put("/adapters/act/activate").json() == {"active": "act"}
+    assert c.get("/adapters").json()["active"] == "act"
+    expected = oracle.tokens("a6", PROMPT, TOKENS)
+    for r in burst(c, [(None, PROMPT)] * 6):
+        assert r.status_code == 200 and r.json()["token_ids"] == expected and r.json()["adapter_id"] == "act"
+    assert c.delete("/adapters/active").json() == {"active": None}
+    base = oracle.tokens(None, PROMPT, TOKENS)
+    assert gen(c, None).json()["token_ids"] == base
+    # Deleting the active adapter deactivates it everywhere.
+    c.put("/adapters/act/activate")
+    assert c.delete("/adapters/act").status_code == 200
+    assert c.get("/adapters").json()["active"] is None
+    assert gen(c, None).json()["token_ids"] == base
+
+
+def test_streaming_matches_json(cluster, oracle) -> None:
+    c = cluster.client
+    with c.stream("POST", "/generate", json={"prompt": PROMPT, "adapter_id": "base", "max_new_tokens": TOKENS,
+                                              "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) == len(oracle.tokens(None, PROMPT, TOKENS)) + 1
+    with c.stream("POST", "/generate", json={"prompt": PROMPT, "adapter_id": "gone", "stream": True}) as r:
+        assert r.status_code == 404
+
+
+def _hold_on_every_replica(cluster, adapter_id: str, prompt: str = PROMPT) -> None:
+    """Send bursts for one adapter until every replica has it resident (bursts spill over to the other
+    replica once the one holding it has `max_ongoing_requests` in flight)."""
+    def everywhere() -> bool:
+        burst(cluster.client, [(adapter_id, prompt)] * 16)
+        replicas = cluster.replicas()
+        return len(replicas) == NUM_REPLICAS and all(
+            any(m.startswith(f"{adapter_id}@") for m in resident) for resident in replicas.values())
+
+    wait_for(everywhere, 60, f"{adapter_id} resident on every replica", interval=0)
+
+
+def test_delete_and_reupload_same_id_never_serves_stale_weights(cluster, oracle) -> None:
+    c = cluster.client
+    assert upload(c, oracle.adapters["a0"], "same").status_code == 201
+    old = oracle.tokens("a0", PROMPT, TOKENS)
+    new = oracle.tokens("a7", PROMPT, TOKENS)
+    assert old != new
+    _hold_on_every_replica(cluster, "same")
+
+    deleted = c.delete("/adapters/same")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] == "same"
+    assert deleted.json()["freed_bytes"] > 0
+    # Every replica freed it before DELETE returned.
+    assert not any(m.startswith("same@") for resident in cluster.replicas().values() for m in resident)
+    assert all(r.status_code == 404 for r in burst(c, [("same", PROMPT)] * 6))
+
+    r = upload(c, oracle.adapters["a7"], "same")
+    assert r.status_code == 201, r.text
+    _hold_on_every_replica(cluster, "same")
+    results = burst(c, [("same", PROMPT)] * 16)
+    assert {r.headers["X-Replica-Id"] for r in results} <= set(cluster.replicas())
+    assert all(r.status_code == 200 and r.json()["token_ids"] == new for r in results)
+
+
+def test_delete_then_request_is_404_on_every_replica(cluster, oracle) -> None:
+    c = cluster.client
+    assert upload(c, oracle.adapters["a1"], "doomed").status_code == 201
+    _hold_on_every_replica(cluster, "doomed")
+    assert c.delete("/adapters/doomed").status_code == 200
+    results = burst(c, [("doomed", PROMPT)] * 16)
+    assert all(r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found" for r in results)
+    assert c.get("/adapters/doomed").status_code == 404
+    assert "doomed" not in {a["id"] for a in c.get("/adapters").json()["adapters"]}
+    assert not (cluster.store / "doomed").exists()
+    assert not any(m.startswith("doomed@") for resident in cluster.replicas().values() for m in resident)
+
+
+def test_replica_killed_mid_load_is_replaced_and_serving_continues(cluster, oracle) -> None:
+    c = cluster.client
+    before = set(wait_for(lambda: len(r := cluster.replicas()) == NUM_REPLICAS and r, 30, "two live replicas"))
+    for name in ("a2", "a3", "a4", "a5"):
+        assert upload(c, oracle.adapters[name], f"k-{name}").status_code == 201
+    cluster.arm_file.touch()  # the next replica that loads an adapter dies with SIGKILL, mid-load
+
+    r = gen(c, "k-a2")
+    assert not cluster.arm_file.exists(), "a replica hit the failpoint"
+    # The ingress re-sent the request: it completed on a live replica, with exact outputs.
+    assert r.status_code == 200, r.text
+    assert r.json()["token_ids"] == oracle.tokens("a2", PROMPT, TOKENS)
+
+    def replaced() -> set[str] | None:
+        now = set(cluster.replicas())
+        return now if len(now) == NUM_REPLICAS and now != before else None
+
+    after = wait_for(replaced, 120, "Serve to replace the killed replica")
+    fresh = after - before
+    assert len(fresh) == 1 and len(before & after) == 1
+    served: set[str] = set()
+    jobs = [(f"k-{name}", prompt) for name in ("a2", "a3", "a4", "a5") for prompt in ("abcd", "wxyz", "ab", "wx")]
+
+    def fresh_serves() -> bool:
+        """Every answer exact; true once the replacement has answered too (it joins the router shortly
+        after it starts polling the cluster state)."""
+        for (adapter, prompt), r in zip(jobs, burst(c, jobs), strict=True):
+            assert r.status_code == 200, r.text
+            assert r.json()["token_ids"] == oracle.tokens(adapter.removeprefix("k-"), prompt, TOKENS)
+            served.add(r.headers["X-Replica-Id"])
+        return fresh <= served
+
+    wait_for(fresh_serves, 60, "the replacement replica to serve", interval=0)
