@@ -5,13 +5,13 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint clean
+.PHONY: install serve serve-ray test test-distributed lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,distributed]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,8 +19,15 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service serve
 
+serve-ray: $(STAMP)
+	$(PY) -m service serve-ray
+
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Only the Ray Serve suite (a local Ray cluster with 2 replicas; about 1-2 minutes, also part of `make test`).
+test-distributed: $(STAMP)
+	$(PY) -m pytest tests/distributed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service tests bench examples

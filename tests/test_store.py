@@ -335,6 +335,19 @@ def test_leftovers_cleaned_on_construction(store: AdapterStore) -> None:
     assert [a.id for a in reopened.list()] == ["existing"]
 
 
+def test_reader_leaves_another_process_uploads_alone(store: AdapterStore) -> None:
+    """A second process reading the same directory (a Ray Serve replica) must not run the clean-up: the
+    staging entries are the writer's uploads in progress."""
+    (store.staging / "upload-live").mkdir()
+    (store.staging / "upload-live" / "adapter_model.safetensors").write_bytes(b"streaming")
+    (store.trash / "going-abc").mkdir()
+    store.set_active("existing")
+    reader = AdapterStore(store.root, recover=False)
+    assert (store.staging / "upload-live" / "adapter_model.safetensors").read_bytes() == b"streaming"
+    assert (store.trash / "going-abc").is_dir()
+    assert [a.id for a in reader.list()] == ["existing"] and reader.get("existing").id == "existing"
+
+
 def test_active_pointer_round_trip(store: AdapterStore) -> None:
     assert AdapterStore(store.root).get_active() == "existing"
     store.set_active(None)

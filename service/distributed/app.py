@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "adapter-service"
 # The ingress stays one replica: it is the store's one writer (see shared_store.py).
 INGRESS_OPTIONS: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+HEALTH_CHECK_PERIOD_S = 2  # a hung replica is replaced within a few seconds (a dead one at once)
 
 
 def build_app(settings: Settings) -> Application:
@@ -33,12 +34,13 @@ def build_app(settings: Settings) -> Application:
     replicas = serve.deployment(AdapterReplica, name="AdapterReplica").options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
-        max_ongoing_requests=settings.max_batch_size + settings.max_waiting_requests,
-        health_check_period_s=2,
+        # Serve admits at most this many requests per replica and queues the rest in its router, so the
+        # engine's own 429 (running + waiting beyond the limit) is never reached through Serve.
+        max_ongoing_requests=settings.max_waiting_requests,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     )
     ingress = serve.deployment(Ingress, name="Ingress").options(
-        **INGRESS_OPTIONS, max_ongoing_requests=settings.num_replicas * (settings.max_batch_size
-                                                                         + settings.max_waiting_requests),
+        **INGRESS_OPTIONS, max_ongoing_requests=settings.num_replicas * settings.max_waiting_requests,
     )
     return ingress.bind(values, replicas.bind(values))
 
