@@ -37,7 +37,8 @@ def model_id(adapter_id: str, version: str) -> str:
 
 
 def split_model_id(multiplexed_id: str) -> tuple[str, str]:
-    adapter_id, _, version = multiplexed_id.rpartition("@")
+    """(adapter id, version); a plain adapter id (no "@", which ids never contain) has version ""."""
+    adapter_id, _, version = multiplexed_id.partition("@")
     return adapter_id, version
 
 
@@ -166,13 +167,15 @@ class ClusterState:
     async def poll(self, replica: str, seen_epoch: int, resident: list[str], timeout: float) -> tuple[int, list[str]]:
         """A replica's heartbeat and change feed: waits up to `timeout` for an epoch beyond `seen_epoch`.
 
-        Returns (latest epoch, model ids to free named after `seen_epoch`). A replica's first poll registers
-        it at the current epoch: it holds nothing yet, so it owes no earlier acknowledgement.
+        Returns (latest epoch, model ids to free named after `seen_epoch`). A new replica (seen 0) starts at
+        the current epoch: it holds nothing yet, so it owes no earlier acknowledgement. One that was presumed
+        dead and polls again keeps its place, so it still frees what was deleted meanwhile.
         """
         lease = self.replicas.get(replica)
         if lease is None:
-            lease = self.replicas[replica] = ReplicaLease(time.monotonic(), acked_epoch=self.epoch)
-            seen_epoch = max(seen_epoch, self.epoch)
+            if seen_epoch == 0:
+                seen_epoch = self.epoch
+            lease = self.replicas[replica] = ReplicaLease(time.monotonic(), acked_epoch=seen_epoch)
         lease.last_poll, lease.resident = time.monotonic(), resident
         async with self._changed:
             try:

@@ -155,7 +155,9 @@ class AdapterReplica:
         if isinstance(exc, ApiError):
             return reply(exc.status, error_body(exc.code, exc.message, exc.details), self.replica_id, exc.headers)
         if isinstance(exc, AdapterError):
-            details = {"adapter_id": split_model_id(m)[0]} if (m := exc.details.get("adapter_id")) else exc.details
+            details = dict(exc.details)
+            if isinstance(details.get("adapter_id"), str):  # the runtime knows the model id; users know the id
+                details["adapter_id"] = split_model_id(details["adapter_id"])[0]
             return reply(_ERROR_STATUS.get(exc.code, 400), error_body(exc.code, exc.message, details),
                          self.replica_id)
         raise exc

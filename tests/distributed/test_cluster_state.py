@@ -17,6 +17,7 @@ def test_versions_change_with_the_files_and_round_trip() -> None:
     assert adapter_version("a" * 64, "c" * 64) != adapter_version("b" * 64, "c" * 64)
     assert adapter_version("a" * 64, "c" * 64) != adapter_version("a" * 64, "d" * 64)
     assert split_model_id(model_id("my.adapter", "v1")) == ("my.adapter", "v1")
+    assert split_model_id("plain") == ("plain", "")
 
 
 def test_reserve_register_resolve_and_activate() -> None:

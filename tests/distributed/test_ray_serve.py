@@ -3,6 +3,7 @@ the consistency of uploads, deletes and activation across replicas (see service/
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -65,6 +66,21 @@ def test_unknown_adapter_and_bad_requests(cluster) -> None:
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     r = c.put("/adapters/nope/activate")
     assert r.status_code == 404
+
+
+def test_invalid_upload_is_rejected_once_and_leaves_nothing(cluster, oracle) -> None:
+    c = cluster.client
+    config = json.loads((oracle.adapters["a0"] / "adapter_config.json").read_text())
+    config["target_modules"] = ["no_such_module"]
+    weights = (oracle.adapters["a0"] / "adapter_model.safetensors").read_bytes()
+    files = [("files", ("adapter_config.json", json.dumps(config).encode())),
+             ("files", ("adapter_model.safetensors", weights))]
+    r = c.post("/adapters", files=files, data={"adapter_id": "bad"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter", r.text
+    assert r.json()["error"]["details"]["problems"], "the load report comes back from the replica"
+    assert c.get("/adapters/bad").status_code == 404 and not (cluster.store / "bad").exists()
+    assert upload(c, oracle.adapters["a0"], "bad").status_code == 201  # the id was released
+    assert c.delete("/adapters/bad").status_code == 200
 
 
 def test_activation_is_cluster_wide(cluster, oracle) -> None:
