@@ -4,6 +4,8 @@ FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+# "[distributed]" adds Ray Serve (`python -m service serve-ray`, KubeRay images; see docs/deploy.md).
+ARG EXTRAS=""
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -16,7 +18,7 @@ WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY service ./service
-RUN pip install .
+RUN pip install ".${EXTRAS}"
 
 RUN useradd --create-home --uid 1000 app && mkdir -p /data && chown app /data
 USER app

@@ -60,5 +60,10 @@ def run(settings: Settings, block: bool = True) -> str:
     url = f"http://{settings.host}:{settings.port}"
     log.info("Ray Serve application %s running on %s (%d replicas)", APP_NAME, url, settings.num_replicas)
     if block:
-        threading.Event().wait()  # Serve runs in Ray's processes; keep the driver (and a local cluster) alive
+        try:
+            threading.Event().wait()  # Serve runs in Ray's processes; keep the driver (and a local cluster) alive
+        except KeyboardInterrupt:
+            log.info("stopping the Ray Serve application")
+            serve.delete(APP_NAME)
+            ray.shutdown()
     return url
