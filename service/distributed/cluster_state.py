@@ -7,7 +7,7 @@ error): the ingress maps the codes to HTTP errors.
 
 Versions: an adapter's model id is `adapter_id@version`, the version being a digest of its stored files, so
 a delete followed by an upload under the same id always gets a model id no replica has seen, even after this
-actor restarts (it is re-seeded from the store).
+actor restarts (it reads the store again when it starts).
 
 Deletes: `begin_delete` hides the adapter at once and opens a new epoch naming its model id; replicas
 long-poll `poll`, free what the epochs name (after their running requests end) and `ack` it. `wait_acked`
@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..store import AdapterStore, StoredAdapter
+
+log = logging.getLogger(__name__)
 
 NAME = "adapter-service-state"
 NAMESPACE = "adapter-service"
@@ -30,6 +36,13 @@ NAMESPACE = "adapter-service"
 def adapter_version(sha256: str, config_sha256: str) -> str:
     """The version of stored adapter files: changes whenever the weights or the config change."""
     return f"{sha256[:16]}{config_sha256[:8]}"
+
+
+def stored_entry(stored: StoredAdapter, resident_bytes: int = 0) -> dict[str, Any]:
+    """What the cluster state keeps about one stored adapter."""
+    return {"id": stored.id, "version": adapter_version(stored.sha256, stored.config_sha256),
+            "summary": stored.config, "sha256": stored.sha256, "created_at": stored.created_at,
+            "resident_bytes": resident_bytes}
 
 
 def model_id(adapter_id: str, version: str) -> str:
@@ -51,10 +64,13 @@ class ReplicaLease:
 
 
 class ClusterState:
-    def __init__(self, max_adapters: int = 10_000, lease_s: float = 10.0) -> None:
+    def __init__(self, max_adapters: int = 10_000, lease_s: float = 10.0, store: str | None = None) -> None:
+        """With `store`, start from what the store holds: a restarted actor (Ray restarts it after a crash)
+        knows every committed adapter and the active one again."""
+        # Changes at every start: replicas that see a new one start over (the old epochs are gone).
+        self.incarnation = secrets.token_hex(4)
         self.max_adapters = max_adapters
         self.lease_s = lease_s
-        self.seeded = False
         self.entries: dict[str, dict[str, Any]] = {}  # adapter id -> info (with "version")
         self.reserved: set[str] = set()  # ids with an upload in progress
         self.deleting: set[str] = set()
@@ -63,17 +79,20 @@ class ClusterState:
         self.drops: list[tuple[int, str]] = []  # (epoch, model id) to free, in epoch order
         self.replicas: dict[str, ReplicaLease] = {}
         self._changed = asyncio.Condition()
+        if store is not None:
+            reader = AdapterStore(Path(store), recover=False)  # the ingress writes; never clean up here
+            stored, corrupt = reader.scan()
+            for entry in corrupt:
+                log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
+            self.seed([stored_entry(item) for item in stored], reader.get_active())
+            log.info("cluster state %s: %d adapter(s) from %s", self.incarnation, len(self.entries), store)
 
     # ---- adapters --------------------------------------------------------------------------------------
 
-    def seed(self, entries: list[dict[str, Any]], active: str | None) -> bool:
-        """Load the store's contents once (the first ingress to start); later calls change nothing."""
-        if self.seeded:
-            return False
+    def seed(self, entries: list[dict[str, Any]], active: str | None) -> None:
+        """Start from these adapters (the store's contents) and this active one."""
         self.entries = {e["id"]: e for e in entries}
         self.active = active if active in self.entries else None
-        self.seeded = True
-        return True
 
     def reserve(self, adapter_id: str) -> str | None:
         """Claim an id for an upload; an error code if it is taken or the limit is reached."""
@@ -164,30 +183,37 @@ class ClusterState:
 
     # ---- replicas ----------------------------------------------------------------------------------------
 
-    async def poll(self, replica: str, seen_epoch: int, resident: list[str], timeout: float) -> tuple[int, list[str]]:
+    async def poll(
+        self, replica: str, incarnation: str | None, seen_epoch: int, resident: list[str], timeout: float,
+    ) -> tuple[str, int, list[str]]:
         """A replica's heartbeat and change feed: waits up to `timeout` for an epoch beyond `seen_epoch`.
 
-        Returns (latest epoch, model ids to free named after `seen_epoch`). A new replica (seen 0) starts at
-        the current epoch: it holds nothing yet, so it owes no earlier acknowledgement. One that was presumed
-        dead and polls again keeps its place, so it still frees what was deleted meanwhile.
+        Returns (incarnation, latest epoch, model ids to free named after `seen_epoch`). A replica that knows
+        no incarnation or another one (this actor restarted) is registered at the current epoch and answered
+        at once: what it holds was either never deleted or can no longer be asked for (versions are unique),
+        so it owes no earlier acknowledgement. One presumed dead that polls again keeps its place, so it
+        still frees what was deleted meanwhile.
         """
-        lease = self.replicas.get(replica)
-        if lease is None:
-            if seen_epoch == 0:
-                seen_epoch = self.epoch
-            lease = self.replicas[replica] = ReplicaLease(time.monotonic(), acked_epoch=seen_epoch)
-        lease.last_poll, lease.resident = time.monotonic(), resident
+        now = time.monotonic()
+        if incarnation != self.incarnation:
+            self.replicas[replica] = ReplicaLease(now, acked_epoch=self.epoch, resident=resident)
+            return self.incarnation, self.epoch, []
+        lease = self.replicas.setdefault(replica, ReplicaLease(now, acked_epoch=seen_epoch))
+        lease.last_poll, lease.resident = now, resident
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.epoch > seen_epoch), timeout)
             except TimeoutError:
                 pass
         lease.last_poll = time.monotonic()
-        return self.epoch, [name for epoch, name in self.drops if epoch > seen_epoch]
+        return self.incarnation, self.epoch, [name for epoch, name in self.drops if epoch > seen_epoch]
 
-    async def ack(self, replica: str, epoch: int, freed: dict[str, int], resident: list[str]) -> None:
-        """The replica has freed every model id named up to `epoch` (`freed`: bytes per model id)."""
-        lease = self.replicas.setdefault(replica, ReplicaLease(time.monotonic()))
+    async def ack(self, replica: str, incarnation: str, epoch: int, freed: dict[str, int], resident: list[str]) -> None:
+        """The replica has freed every model id named up to `epoch` (`freed`: bytes per model id). Epochs of a
+        previous incarnation mean nothing now: ignored."""
+        lease = self.replicas.get(replica)
+        if incarnation != self.incarnation or lease is None:
+            return
         lease.last_poll, lease.resident = time.monotonic(), resident
         lease.acked_epoch = max(lease.acked_epoch, epoch)
         lease.freed.update(freed)
@@ -199,16 +225,21 @@ class ClusterState:
         return {r: lease for r, lease in self.replicas.items() if now - lease.last_poll <= self.lease_s}
 
 
+def state_actor_name(store: Path) -> str:
+    """One cluster state per store directory: two deployments on two stores never share state."""
+    return f"{NAME}-{hashlib.sha256(str(Path(store).resolve()).encode()).hexdigest()[:12]}"
+
+
 def state_actor(store: Path, max_adapters: int, lease_s: float):
     """A handle to the cluster state of this store, created on first use.
 
-    Named after the store path (two deployments on two stores never share state) and detached, so it
-    outlives any ingress or replica that restarts. Imports ray only here: the class itself needs none.
+    Named after the store path and detached, so it outlives any ingress or replica that restarts. Imports
+    ray only here: the class itself needs none.
     """
     import ray
 
-    digest = hashlib.sha256(str(Path(store).resolve()).encode()).hexdigest()[:12]
     actor = ray.remote(ClusterState).options(
-        name=f"{NAME}-{digest}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        name=state_actor_name(store), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1,  # restarted from the store after a crash (calls in flight then fail, never replay)
     )
-    return actor.remote(max_adapters, lease_s)
+    return actor.remote(max_adapters, lease_s, str(Path(store).resolve()))

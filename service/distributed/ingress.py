@@ -26,20 +26,13 @@ from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteRespon
 from ..demo_model import DEMO_MODEL_NAME
 from ..metrics import ServiceMetrics
 from ..settings import Settings
-from ..store import AdapterStore, StoredAdapter, new_adapter_id, validate_adapter_id
-from .cluster_state import adapter_version, model_id, state_actor
+from ..store import AdapterStore, new_adapter_id, validate_adapter_id
+from .cluster_state import model_id, state_actor, stored_entry
 
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-Replica-Id"
 _RETRYABLE = (RayActorError, ReplicaUnavailableError)  # the replica died or went away before answering
-
-
-def stored_entry(stored: StoredAdapter, resident_bytes: int = 0) -> dict[str, Any]:
-    """What the cluster state keeps about one stored adapter."""
-    return {"id": stored.id, "version": adapter_version(stored.sha256, stored.config_sha256),
-            "summary": stored.config, "sha256": stored.sha256, "created_at": stored.created_at,
-            "resident_bytes": resident_bytes}
 
 
 def adapter_info(entry: dict[str, Any], active: str | None, resident: set[str]) -> AdapterInfo:
@@ -69,19 +62,9 @@ class Ingress:
         self.store = AdapterStore(self.settings.store)  # the one writer, so its crash clean-up is safe here
         self.state = state_actor(self.settings.store, self.settings.max_adapters, self.settings.replica_lease_s)
         self.metrics = ServiceMetrics()
-        self._seeded = False
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_ingress_app(self)
-
-    async def ensure_seeded(self) -> None:
-        """Load the store into the cluster state once (the state actor ignores later seeds)."""
-        if not self._seeded:
-            stored, corrupt = await asyncio.to_thread(self.store.scan)
-            for entry in corrupt:
-                log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
-            await self.state.seed.remote([stored_entry(s) for s in stored], self.store.get_active())
-            self._seeded = True
 
     async def call_replica(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Await a replica call; if its replica died first, send it again (Serve routes it to a live one)."""
@@ -188,13 +171,11 @@ class Ingress:
         }
 
 
-async def _seeded_ingress(request: Request) -> Ingress:
-    ingress = request.app.state.ingress
-    await ingress.ensure_seeded()
-    return ingress
+def _ingress(request: Request) -> Ingress:
+    return request.app.state.ingress
 
 
-Svc = Annotated[Ingress, Depends(_seeded_ingress)]
+Svc = Annotated[Ingress, Depends(_ingress)]
 
 
 def build_ingress_app(ingress: Ingress) -> FastAPI:

@@ -107,31 +107,33 @@ class AdapterReplica:
     async def _follow_state(self) -> None:
         """Heartbeat and change feed: free what deletes name, then acknowledge (frees run beside the
         heartbeat, so a delete waiting for running requests never makes this replica look dead)."""
-        seen = 0
+        seen, incarnation = 0, None
         drops: asyncio.Queue = asyncio.Queue()
         asyncio.get_running_loop().create_task(self._free_dropped(drops))
         while True:
             try:
-                epoch, names = await self.state.poll.remote(self.replica_id, seen, self.adapters.names,
-                                                            self.settings.replica_lease_s / 4)
-            except Exception:  # the state actor restarting: keep trying, the lease tolerates a gap
+                current, epoch, names = await self.state.poll.remote(
+                    self.replica_id, incarnation, seen, self.adapters.names, self.settings.replica_lease_s / 4)
+            except Exception:  # the state actor restarting: keep trying (a pause, not a synchronisation)
                 log.exception("replica %s cannot reach the cluster state", self.replica_id)
                 await asyncio.sleep(self.settings.replica_lease_s / 4)
                 continue
-            if epoch > seen:
-                drops.put_nowait((epoch, names))
+            if current != incarnation:  # registered (again, if the state actor restarted): count from here
+                incarnation, seen = current, epoch
+            elif epoch > seen:
+                drops.put_nowait((incarnation, epoch, names))
                 seen = epoch
 
     async def _free_dropped(self, drops: asyncio.Queue) -> None:
         while True:
-            epoch, names = await drops.get()
+            incarnation, epoch, names = await drops.get()
             freed: dict[str, int] = {}
             for model_id in names:
                 async with self.adapters.lock(model_id):
                     freed[model_id] = await self.adapters.free(model_id)
                 self._forget(model_id)
             try:
-                await self.state.ack.remote(self.replica_id, epoch, freed, self.adapters.names)
+                await self.state.ack.remote(self.replica_id, incarnation, epoch, freed, self.adapters.names)
             except Exception:
                 log.exception("replica %s could not acknowledge epoch %d", self.replica_id, epoch)
 

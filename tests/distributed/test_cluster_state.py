@@ -22,7 +22,7 @@ def test_versions_change_with_the_files_and_round_trip() -> None:
 
 def test_reserve_register_resolve_and_activate() -> None:
     state = ClusterState(max_adapters=2)
-    assert state.seed([entry("x")], active="x") and not state.seed([], active=None)  # seeded once
+    state.seed([entry("x")], active="x")
     assert state.resolve(None) == ("ok", entry("x")) and state.resolve("base") == ("ok", None)
     assert state.reserve("x") == "adapter_exists"
     assert state.reserve("y") is None and state.reserve("y") == "adapter_exists"  # in progress counts
@@ -39,22 +39,25 @@ def test_delete_waits_for_every_live_replica_then_frees_the_id() -> None:
     async def scenario() -> None:
         state = ClusterState(lease_s=5.0)
         state.seed([entry("x")], active="x")
-        await state.poll("r1", 0, ["x@v"], timeout=0)
-        await state.poll("r2", 0, [], timeout=0)
-        watcher = asyncio.create_task(state.poll("r1", 0, [], timeout=5))
+        inc, seen, _ = await state.poll("r1", None, 0, ["x@v"], timeout=5)  # registers, answered at once
+        await state.poll("r2", None, 0, [], timeout=5)
+        watcher = asyncio.create_task(state.poll("r1", inc, seen, [], timeout=5))
         epoch, gone = await state.begin_delete("x")
         name = model_id("x", gone["version"])
         assert state.lookup("x") is None and state.active is None  # hidden, and deactivated, at once
-        assert await watcher == (epoch, [name])  # the change feed names it
+        assert await watcher == (inc, epoch, [name])  # the change feed names it
         waiting = asyncio.create_task(state.wait_acked(epoch, name, timeout=5))
-        await state.ack("r1", epoch, {name: 123}, [])
+        await state.ack("r2", "old-incarnation", epoch, {}, [])  # an ack meant for a previous incarnation
+        await state.ack("r1", inc, epoch, {name: 123}, [])
         assert not waiting.done()
-        await state.ack("r2", epoch, {name: 0}, [])
+        await state.ack("r2", inc, epoch, {name: 0}, [])
         assert await waiting == {"pending": [], "freed": {"r1": 123, "r2": 0}}
         state.finish_delete("x")
         assert state.reserve("x") is None  # the id can be uploaded again
-        await state.poll("r3", 0, [], timeout=0)  # a replica that starts later owes no old acknowledgement
+        await state.poll("r3", None, 0, [], timeout=5)  # a replica that starts later owes no old acknowledgement
         assert state.replicas["r3"].acked_epoch == epoch
+        # A replica of a previous incarnation of this actor (it restarted) is registered afresh, at once.
+        assert await state.poll("r1", "old-incarnation", 7, [], timeout=5) == (inc, epoch, [])
 
     asyncio.run(scenario())
 
@@ -63,7 +66,7 @@ def test_delete_does_not_wait_for_a_dead_replica() -> None:
     async def scenario() -> None:
         state = ClusterState(lease_s=0.3)
         state.seed([entry("x")], active=None)
-        await state.poll("dead", 0, ["x@v"], timeout=0)  # polls once, then never again
+        await state.poll("dead", None, 0, ["x@v"], timeout=0)  # polls once, then never again
         epoch, gone = await state.begin_delete("x")
         result = await state.wait_acked(epoch, model_id("x", gone["version"]), timeout=10)
         assert result["pending"] == [] and "dead" not in state.listing()["replicas"]

@@ -160,6 +160,27 @@ def test_delete_then_request_is_404_on_every_replica(cluster, oracle) -> None:
     assert not any(m.startswith("doomed@") for resident in cluster.replicas().values() for m in resident)
 
 
+def test_cluster_state_actor_restarts_from_the_store(cluster, oracle) -> None:
+    import ray
+
+    from service.distributed.cluster_state import NAMESPACE, state_actor_name
+
+    c = cluster.client
+    assert upload(c, oracle.adapters["a3"], "kept").status_code == 201
+    assert c.put("/adapters/kept/activate").status_code == 200
+    ray.kill(ray.get_actor(state_actor_name(cluster.store), namespace=NAMESPACE), no_restart=False)
+
+    def restored() -> bool:
+        r = c.get("/adapters")
+        return r.status_code == 200 and r.json()["active"] == "kept"
+
+    wait_for(restored, 60, "the cluster state to come back with the store's adapters")
+    assert gen(c, None).json()["token_ids"] == oracle.tokens("a3", PROMPT, TOKENS)
+    wait_for(lambda: len(cluster.replicas()) == NUM_REPLICAS, 30, "replicas registering with the new state")
+    assert c.delete("/adapters/kept").status_code == 200
+    assert gen(c, "kept").status_code == 404 and gen(c, None).json()["adapter_id"] == "base"
+
+
 def test_replica_killed_mid_load_is_replaced_and_serving_continues(cluster, oracle) -> None:
     c = cluster.client
     before = set(wait_for(lambda: len(r := cluster.replicas()) == NUM_REPLICAS and r, 30, "two live replicas"))
