@@ -153,8 +153,11 @@ class Ingress:
             return JSONResponse(head["body"], head["status"], {**head["headers"], REPLICA_HEADER: head["replica"]})
 
         async def rest() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                yield chunk
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                chunks.cancel()  # the client went away: the replica stops generating and frees the row
 
         return StreamingResponse(rest(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", REPLICA_HEADER: head["replica"]})

@@ -112,8 +112,9 @@ class AdapterReplica:
         asyncio.get_running_loop().create_task(self._free_dropped(drops))
         while True:
             try:
+                resident = await self._runtime_adapters()
                 current, epoch, names = await self.state.poll.remote(
-                    self.replica_id, incarnation, seen, self.adapters.names, self.settings.replica_lease_s / 4)
+                    self.replica_id, incarnation, seen, resident, self.settings.replica_lease_s / 4)
             except Exception:  # the state actor restarting: keep trying (a pause, not a synchronisation)
                 log.exception("replica %s cannot reach the cluster state", self.replica_id)
                 await asyncio.sleep(self.settings.replica_lease_s / 4)
@@ -124,6 +125,11 @@ class AdapterReplica:
                 drops.put_nowait((incarnation, epoch, names))
                 seen = epoch
 
+    async def _runtime_adapters(self) -> list[str]:
+        """What the runtime itself holds (read on the engine thread): the residency this replica reports, so
+        /health shows memory as it is, not as the bookkeeping believes it to be."""
+        return await self.service.engine.call(lambda rt: sorted(rt.adapters))
+
     async def _free_dropped(self, drops: asyncio.Queue) -> None:
         while True:
             incarnation, epoch, names = await drops.get()
@@ -133,7 +139,7 @@ class AdapterReplica:
                     freed[model_id] = await self.adapters.free(model_id)
                 self._forget(model_id)
             try:
-                await self.state.ack.remote(self.replica_id, incarnation, epoch, freed, self.adapters.names)
+                await self.state.ack.remote(self.replica_id, incarnation, epoch, freed, await self._runtime_adapters())
             except Exception:
                 log.exception("replica %s could not acknowledge epoch %d", self.replica_id, epoch)
 
@@ -205,11 +211,3 @@ class AdapterReplica:
             return self._error(exc)
         summary = {**prepared.config.summary(), "rank": prepared.rank}
         return reply(200, {"summary": summary, "resident_bytes": prepared.resident_bytes}, self.replica_id)
-
-    async def describe(self) -> dict[str, Any]:
-        """This replica's id, resident adapters and engine load (for /health)."""
-        engine: Engine = self.service.engine
-        return {"replica": self.replica_id, "resident": self.adapters.names, "model": self.service.base.name,
-                "device": str(self.service.base.device), "requests_running": engine.running_requests,
-                "requests_waiting": engine.waiting_requests,
-                "adapter_bytes": sum(r.resident_bytes for r in self.adapters.records.values())}
