@@ -107,6 +107,10 @@ class ClusterState:
         """Give up a reservation (the upload failed)."""
         self.reserved.discard(adapter_id)
 
+    def clear_reservations(self) -> None:
+        """Forget every upload in progress: the ingress, their one owner, has (re)started without them."""
+        self.reserved.clear()
+
     def register(self, entry: dict[str, Any]) -> None:
         """Publish a committed upload: from now on every replica may load it."""
         self.reserved.discard(entry["id"])

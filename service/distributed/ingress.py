@@ -56,11 +56,13 @@ def _api_error(reply: dict[str, Any]) -> ApiError:
 class Ingress:
     """The HTTP front door (wrapped by `serve.deployment` in app.py)."""
 
-    def __init__(self, settings: dict[str, Any], replicas) -> None:
+    async def __init__(self, settings: dict[str, Any], replicas) -> None:
         self.settings = Settings(**settings)
         self.replicas = replicas
         self.store = AdapterStore(self.settings.store)  # the one writer, so its crash clean-up is safe here
         self.state = state_actor(self.settings.store, self.settings.max_adapters, self.settings.replica_lease_s)
+        # Uploads in progress belonged to a previous ingress (if it crashed): their ids are free again.
+        await self.state.clear_reservations.remote()
         self.metrics = ServiceMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

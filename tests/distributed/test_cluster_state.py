@@ -27,6 +27,8 @@ def test_reserve_register_resolve_and_activate() -> None:
     assert state.reserve("x") == "adapter_exists"
     assert state.reserve("y") is None and state.reserve("y") == "adapter_exists"  # in progress counts
     assert state.reserve("z") == "adapter_limit_reached"
+    state.clear_reservations()  # a restarted ingress: the upload of "y" died with the old one
+    assert state.reserve("y") is None
     assert state.lookup("y") is None  # not visible before the commit is published
     state.register(entry("y"))
     assert state.lookup("y") == entry("y")
