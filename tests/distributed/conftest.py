@@ -70,7 +70,7 @@ def oracle(model_dir, tmp_path_factory) -> GreedyOracle:
     return GreedyOracle(base, AutoTokenizer.from_pretrained(model_dir), adapters)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Ray stops as soon as its module is done, not at the end of the whole run
 def cluster(model_dir, tmp_path_factory) -> Iterator[Cluster]:
     import ray  # only here: without the [distributed] extra the test modules skip before this runs
     from ray import serve
