@@ -4,6 +4,7 @@ the consistency of uploads, deletes and activation across replicas (see service/
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -158,6 +159,29 @@ def test_delete_then_request_is_404_on_every_replica(cluster, oracle) -> None:
     assert "doomed" not in {a["id"] for a in c.get("/adapters").json()["adapters"]}
     assert not (cluster.store / "doomed").exists()
     assert not any(m.startswith("doomed@") for resident in cluster.replicas().values() for m in resident)
+
+
+def test_delete_lets_running_requests_finish(cluster, oracle) -> None:
+    c = cluster.client
+    assert upload(c, oracle.adapters["a5"], "busy").status_code == 201
+    first_token, final = threading.Event(), {}
+
+    def stream() -> None:
+        body = {"prompt": PROMPT, "adapter_id": "busy", "max_new_tokens": 200, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/generate", json=body) as r:  # httpx clients are thread-safe
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    first_token.set()
+                    final.update(json.loads(line.removeprefix("data: ")))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first_token.wait(60)
+    deleted = c.delete("/adapters/busy")
+    reader.join(60)
+    assert deleted.status_code == 200 and deleted.json()["freed_bytes"] > 0
+    assert final.get("finish_reason") == "length" and final["usage"]["completion_tokens"] == 200, final
+    assert gen(c, "busy").status_code == 404
 
 
 def test_cluster_state_actor_restarts_from_the_store(cluster, oracle) -> None:
