@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 NAME = "adapter-service-state"
 NAMESPACE = "adapter-service"
+# A replica silent this many leases is forgotten (it is long dead), so the deletes it never acknowledged can go.
+FORGET_AFTER_LEASES = 10
 
 
 def adapter_version(sha256: str, config_sha256: str) -> str:
@@ -173,7 +175,7 @@ class ClusterState:
                     await asyncio.wait_for(self._changed.wait(), min(left, self.lease_s / 4))
                 except TimeoutError:
                     pass
-        freed = {r: lease.freed.get(name, 0) for r, lease in self.replicas.items() if lease.acked_epoch >= epoch}
+        freed = {r: lease.freed.pop(name, 0) for r, lease in self.replicas.items() if lease.acked_epoch >= epoch}
         return {"pending": pending, "freed": freed}
 
     def finish_delete(self, adapter_id: str) -> None:
@@ -221,8 +223,18 @@ class ClusterState:
         lease.last_poll, lease.resident = time.monotonic(), resident
         lease.acked_epoch = max(lease.acked_epoch, epoch)
         lease.freed.update(freed)
+        self._prune()
         async with self._changed:
             self._changed.notify_all()  # wake the deletes waiting for this acknowledgement
+
+    def _prune(self) -> None:
+        """Forget replicas silent for many leases (dead) and the deletes every remaining one acknowledged."""
+        now = time.monotonic()
+        for replica in [r for r, lease in self.replicas.items() if now - lease.last_poll > FORGET_AFTER_LEASES
+                        * self.lease_s]:
+            del self.replicas[replica]
+        floor = min((lease.acked_epoch for lease in self.replicas.values()), default=self.epoch)
+        self.drops = [(epoch, name) for epoch, name in self.drops if epoch > floor]
 
     def _live(self) -> dict[str, ReplicaLease]:
         now = time.monotonic()

@@ -54,6 +54,7 @@ def test_delete_waits_for_every_live_replica_then_frees_the_id() -> None:
         assert not waiting.done()
         await state.ack("r2", inc, epoch, {name: 0}, [])
         assert await waiting == {"pending": [], "freed": {"r1": 123, "r2": 0}}
+        assert state.drops == [], "a delete every replica acknowledged is forgotten"
         state.finish_delete("x")
         assert state.reserve("x") is None  # the id can be uploaded again
         await state.poll("r3", None, 0, [], timeout=5)  # a replica that starts later owes no old acknowledgement
