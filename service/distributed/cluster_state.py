@@ -6,8 +6,9 @@ without Ray too. Every method returns plain data (never raises across the actor 
 error): the ingress maps the codes to HTTP errors.
 
 Versions: an adapter's model id is `adapter_id@version`, the version being a digest of its stored files, so
-a delete followed by an upload under the same id always gets a model id no replica has seen, even after this
-actor restarts (it reads the store again when it starts).
+a model id names exactly one set of weights and config: after a delete and an upload of other files under
+the same id no replica can be asked for the old ones, even after this actor restarts (it reads the store
+again when it starts).
 
 Deletes: `begin_delete` hides the adapter at once and opens a new epoch naming its model id; replicas
 long-poll `poll`, free what the epochs name (after their running requests end) and `ack` it. `wait_acked`
