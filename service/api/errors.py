@@ -24,6 +24,11 @@ _RUNTIME_STATUS = {
 }
 
 
+def runtime_error_status(code: str) -> int:
+    """HTTP status of a runtime error code (AdapterError.code)."""
+    return _RUNTIME_STATUS.get(code, 400)
+
+
 class ApiError(Exception):
     """An error raised by the service layer with its HTTP status."""
 
@@ -51,7 +56,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
-        return _json(_RUNTIME_STATUS.get(exc.code, 400), exc.code, exc.message, exc.details)
+        return _json(runtime_error_status(exc.code), exc.code, exc.message, exc.details)
 
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:

@@ -21,7 +21,7 @@ from typing import Any
 from ray import serve
 
 from ..api.deps import ServiceState
-from ..api.errors import ApiError, error_body
+from ..api.errors import ApiError, error_body, runtime_error_status
 from ..api.generation import generate_events, generate_result
 from ..api.routes_generate import generate_response, sse_event
 from ..api.schemas import GenerateRequest
@@ -37,8 +37,6 @@ from .shared_store import SharedDirectorySource, StaleAdapterError
 
 log = logging.getLogger(__name__)
 
-_ERROR_STATUS = {"adapter_not_found": 404, "adapter_exists": 409, "invalid_adapter": 422,
-                 "mixed_batch_unsupported": 422}
 _MULTIPLEXER_ATTR = "__serve_multiplex_wrapper"  # where serve.multiplexed keeps its LRU (ray/serve/api.py)
 
 
@@ -166,7 +164,7 @@ class AdapterReplica:
             details = dict(exc.details)
             if isinstance(details.get("adapter_id"), str):  # the runtime knows the model id; users know the id
                 details["adapter_id"] = split_model_id(details["adapter_id"])[0]
-            return reply(_ERROR_STATUS.get(exc.code, 400), error_body(exc.code, exc.message, details),
+            return reply(runtime_error_status(exc.code), error_body(exc.code, exc.message, details),
                          self.replica_id)
         raise exc
 
