@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from ..api.auth import ApiKeys, require
+from ..api.body_limit import StreamedBodyLimit
 from ..api.errors import ApiError, install_error_handlers
 from ..api.middleware import install_request_middleware
 from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest
@@ -188,7 +189,10 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
     app = FastAPI(title="adapter-service (Ray Serve)", version="0.1.0")
     app.state.api_keys = ApiKeys.from_settings(ingress.settings.api_keys, ingress.settings.api_keys_file)
     install_error_handlers(app)
-    install_request_middleware(app, ingress.metrics, ingress.settings.max_request_body_bytes)
+    limits = {"max_body_bytes": ingress.settings.max_request_body_bytes,
+              "max_upload_bytes": ingress.settings.max_upload_bytes}
+    app.add_middleware(StreamedBodyLimit, **limits)
+    install_request_middleware(app, ingress.metrics, limits["max_body_bytes"], limits["max_upload_bytes"])
     app.state.ingress = ingress
     admin, read = [Depends(require("admin"))], [Depends(require("inference"))]
 
@@ -199,14 +203,12 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
 
     @app.post("/adapters", status_code=201, response_model=AdapterInfo, dependencies=admin, tags=["adapters"])
     async def upload_adapter(
-        request: Request, svc: Svc,
+        svc: Svc,
         files: Annotated[list[UploadFile], File(description="the two adapter files, or one archive")],
         adapter_id: Annotated[str | None, Form()] = None,
     ) -> AdapterInfo:
         """Upload a PEFT-format adapter: validated once, stored, then visible to every replica."""
-        length, limit = request.headers.get("content-length"), svc.settings.max_upload_bytes
-        if length is not None and length.isdigit() and int(length) > limit + 1024 * 1024:  # multipart overhead
-            raise ApiError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes", {"max_bytes": limit})
+        # Bodies over the upload limit were refused by the middleware (declared or chunked); the store counts too.
         return await svc.upload([(f.filename or "", f.file) for f in files], adapter_id or None)
 
     @app.get("/adapters", response_model=AdapterList, dependencies=read, tags=["adapters"])
