@@ -44,22 +44,24 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     if not body.stream:
         return generate_response(await generate_result(state, generation), adapter_id)
     events = await generate_events(state, generation)
+    return ClosingStreamingResponse(sse_stream(events, adapter_id), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache"})
 
-    async def sse() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                if isinstance(event, GenerationResult):
-                    final = generate_response(event, adapter_id)
-                    yield sse_event({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
-                                "text": final.text, "adapter_id": final.adapter_id})
-                else:
-                    yield sse_event({"token_id": event.token_id, "text": event.text})
-        except ApiError as exc:  # headers are gone: the error becomes the last event
-            yield sse_event(error_body(exc.code, exc.message, exc.details))
-        finally:
-            await events.aclose()
 
-    return ClosingStreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+async def sse_stream(events: AsyncIterator, label: str) -> AsyncIterator[bytes]:
+    """The server-sent events of one streamed completion: a token per event, then the final summary."""
+    try:
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                final = generate_response(event, label)
+                yield sse_event({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
+                                 "text": final.text, "adapter_id": final.adapter_id})
+            else:
+                yield sse_event({"token_id": event.token_id, "text": event.text})
+    except ApiError as exc:  # headers are gone: the error becomes the last event
+        yield sse_event(error_body(exc.code, exc.message, exc.details))
+    finally:
+        await events.aclose()
 
 
 def sse_event(data: dict) -> bytes:

@@ -23,9 +23,9 @@ from ray import serve
 from ..api.deps import ServiceState
 from ..api.errors import ApiError, error_body, runtime_error_status
 from ..api.generation import generate_events, generate_result
-from ..api.routes_generate import generate_response, sse_event
+from ..api.routes_generate import generate_response, sse_stream
 from ..api.schemas import GenerateRequest
-from ..engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+from ..engine import Engine, GenerationRequest, SamplingParams
 from ..failpoints import failpoint
 from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
@@ -186,18 +186,8 @@ class AdapterReplica:
             yield self._error(exc)
             return
         yield reply(200, None, self.replica_id)
-        try:
-            async for event in events:
-                if isinstance(event, GenerationResult):
-                    final = generate_response(event, label)
-                    yield sse_event({"finish_reason": final.finish_reason, "usage": final.usage.model_dump(),
-                                     "text": final.text, "adapter_id": final.adapter_id})
-                else:
-                    yield sse_event({"token_id": event.token_id, "text": event.text})
-        except ApiError as exc:  # headers are gone: the error becomes the last event
-            yield sse_event(error_body(exc.code, exc.message, exc.details))
-        finally:
-            await events.aclose()
+        async for chunk in sse_stream(events, label):
+            yield chunk
 
     # ---- admin -------------------------------------------------------------------------------------------
 

@@ -55,12 +55,7 @@ def parse_lora_config(raw: dict[str, Any]) -> ParsedConfig:
     unsupported: list[str] = []
     typed = TypedReader(raw, errors)
     cfg = LoraAdapterConfig(raw=raw)
-    cfg.r = typed("r", (int,), 8)
-    if cfg.r <= 0 or not finite_number(cfg.r):
-        errors.append(f"r must be a positive number that fits a float, got {cfg.r!r:.40}")
-    cfg.lora_alpha = typed("lora_alpha", (int, float), 8)
-    if not finite_number(cfg.lora_alpha):
-        errors.append(f"lora_alpha must be a finite number that fits a float, got {cfg.lora_alpha!r:.40}")
+    cfg.r, cfg.lora_alpha = read_rank_and_alpha(typed, "lora_alpha")
     cfg.use_rslora = typed("use_rslora", (bool,), False)
     cfg.use_dora = typed("use_dora", (bool,), False)
     cfg.lora_bias = typed("lora_bias", (bool,), False)
@@ -84,6 +79,16 @@ def parse_lora_config(raw: dict[str, Any]) -> ParsedConfig:
         if raw.get(name):
             unsupported.append(f"{name}={raw[name]!r}")
     return ParsedConfig(None if errors else cfg, errors, unsupported)
+
+
+def read_rank_and_alpha(typed: TypedReader, alpha_field: str) -> tuple[int, float]:
+    """`r` (a positive int) and the alpha field (finite), both defaulting to 8 as in PEFT."""
+    r, alpha = typed("r", (int,), 8), typed(alpha_field, (int, float), 8)
+    if r <= 0 or not finite_number(r):
+        typed.errors.append(f"r must be a positive number that fits a float, got {r!r:.40}")
+    if not finite_number(alpha):
+        typed.errors.append(f"{alpha_field} must be a finite number that fits a float, got {alpha!r:.40}")
+    return r, alpha
 
 
 class TypedReader:

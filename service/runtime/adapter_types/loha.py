@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter_config import TypedReader, finite_number, parse_common_fields, parse_rank_patterns
+from ..adapter_config import TypedReader, parse_common_fields, parse_rank_patterns, read_rank_and_alpha
 from ..errors import LoadReport
 from ..targeting import resolve_alpha, resolve_rank
 from .base import AdapterConfigBase, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget, ParsedConfig
@@ -68,12 +68,7 @@ class LoHaType(AdapterType):
         errors: list[str] = []
         typed = TypedReader(raw, errors)
         cfg = LoHaConfig(raw=raw)
-        cfg.r = typed("r", (int,), 8)
-        if cfg.r <= 0 or not finite_number(cfg.r):
-            errors.append(f"r must be a positive number that fits a float, got {cfg.r!r:.40}")
-        cfg.alpha = typed("alpha", (int, float), 8)
-        if not finite_number(cfg.alpha):
-            errors.append(f"alpha must be a finite number that fits a float, got {cfg.alpha!r:.40}")
+        cfg.r, cfg.alpha = read_rank_and_alpha(typed, "alpha")
         parse_common_fields(raw, cfg, errors)
         parse_rank_patterns(raw, cfg, errors)
         return ParsedConfig(None if errors else cfg, errors)
