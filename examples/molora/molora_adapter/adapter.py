@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.runtime.adapter_config import TypedReader, parse_common_fields
+from service.runtime.adapter_config import TypedReader, parse_common_fields, read_rank_and_alpha
 from service.runtime.adapter_types.base import (
     AdapterConfigBase,
     AdapterKeys,
@@ -89,13 +89,10 @@ class MoLoraType(AdapterType):
         errors: list[str] = []
         typed = TypedReader(raw, errors)
         cfg = MoLoraConfig(raw=raw)
-        cfg.r = typed("r", (int,), 8)
-        cfg.lora_alpha = typed("lora_alpha", (int, float), 8)
+        cfg.r, cfg.lora_alpha = read_rank_and_alpha(typed, "lora_alpha")
         cfg.num_experts = typed("num_experts", (int,), 4)
         cfg.top_k = typed("top_k", (int,), 2)
         parse_common_fields(raw, cfg, errors)
-        if cfg.r <= 0:
-            errors.append(f"r must be positive, got {cfg.r}")
         if cfg.num_experts <= 0:
             errors.append(f"num_experts must be positive, got {cfg.num_experts}")
         if not 0 < cfg.top_k <= max(cfg.num_experts, 1):
