@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import tempfile
 import time
-import zipfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -275,16 +273,7 @@ class AdapterManager:
 
     async def zip_adapter(self, adapter_id: str) -> Path:
         """A zip of the stored PEFT files in the staging area (the caller removes it after sending)."""
-        record = self.get(adapter_id)
-
-        def build() -> Path:
-            fd, name = tempfile.mkstemp(prefix="download-", suffix=".zip", dir=self.store.staging)
-            with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
-                archive.write(record.stored.config_path, CONFIG_FILE)
-                archive.write(record.stored.weights_path, WEIGHTS_FILE)
-            return Path(name)
-
-        return await asyncio.to_thread(build)
+        return await asyncio.to_thread(self.store.zip_copy, self.get(adapter_id).stored)
 
     async def export(self, adapter_id: str, tokenizer) -> Iterator[bytes]:
         """Chunks of a tar holding the base model with this adapter merged in (see merging/export.py)."""

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -223,6 +224,14 @@ class AdapterStore:
         return record
 
     # ----- lookups and deletion -----
+
+    def zip_copy(self, stored: StoredAdapter) -> Path:
+        """A zip of `stored`'s PEFT files in the staging area (the caller removes it after sending)."""
+        fd, name = tempfile.mkstemp(prefix="download-", suffix=".zip", dir=self.staging)
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+            archive.write(stored.config_path, CONFIG_FILE)
+            archive.write(stored.weights_path, WEIGHTS_FILE)
+        return Path(name)
 
     def exists(self, adapter_id: str) -> bool:
         try:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
+from starlette.background import BackgroundTask
 
 from ..api.auth import ApiKeys, require
 from ..api.body_limit import StreamedBodyLimit
@@ -28,6 +30,7 @@ from ..demo_model import DEMO_MODEL_NAME
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from ..store import AdapterStore, new_adapter_id, validate_adapter_id
+from ..store_errors import AdapterNotFoundError
 from .cluster_state import model_id, state_actor, stored_entry
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,10 @@ def adapter_info(entry: dict[str, Any], active: str | None, resident: set[str]) 
 def _api_error(reply: dict[str, Any]) -> ApiError:
     error = reply["body"]["error"]
     return ApiError(reply["status"], error["code"], error["message"], error["details"], reply.get("headers") or None)
+
+
+def _not_found(adapter_id: str) -> ApiError:
+    return ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist", {"adapter_id": adapter_id})
 
 
 @serve.ingress()
@@ -106,6 +113,16 @@ class Ingress:
                 await asyncio.to_thread(staged.discard)
         listing = await self.state.listing.remote()
         return adapter_info(entry, listing["active"], set(listing["resident"]))
+
+    async def zip_adapter(self, adapter_id: str) -> Path:
+        """A zip of the adapter's stored files, if the cluster state has it (not while it is being deleted)."""
+        if await self.state.lookup.remote(adapter_id) is None:
+            raise _not_found(adapter_id)
+        try:
+            stored = await asyncio.to_thread(self.store.get, adapter_id)
+        except AdapterNotFoundError:  # deleted in between
+            raise _not_found(adapter_id) from None
+        return await asyncio.to_thread(self.store.zip_copy, stored)
 
     async def delete(self, adapter_id: str) -> DeleteResponse:
         """Hide at once, wait until every live replica freed it, then remove the files."""
@@ -243,6 +260,14 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
     async def deactivate(svc: Svc) -> ActiveResponse:
         """Requests that name no adapter use the base model from now on."""
         return await svc.activate(None)
+
+    @app.get("/adapters/{adapter_id}/download", response_class=FileResponse, dependencies=admin,
+             tags=["adapters"])
+    async def download_adapter(adapter_id: str, svc: Svc) -> FileResponse:
+        """The adapter as a zip in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        path = await svc.zip_adapter(adapter_id)
+        return FileResponse(path, media_type="application/zip", filename=f"{adapter_id}.zip",
+                            background=BackgroundTask(path.unlink, missing_ok=True))
 
     @app.delete("/adapters/{adapter_id}", response_model=DeleteResponse, dependencies=admin, tags=["adapters"])
     async def delete_adapter(adapter_id: str, svc: Svc) -> DeleteResponse:

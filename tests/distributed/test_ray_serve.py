@@ -3,8 +3,10 @@ the consistency of uploads, deletes and activation across replicas (see service/
 
 from __future__ import annotations
 
+import io
 import json
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -111,6 +113,22 @@ def test_streaming_matches_json(cluster, oracle) -> None:
     assert len(events) == len(oracle.tokens(None, PROMPT, TOKENS)) + 1
     with c.stream("POST", "/generate", json={"prompt": PROMPT, "adapter_id": "gone", "stream": True}) as r:
         assert r.status_code == 404
+
+
+def test_download_is_the_uploaded_peft_files(cluster, oracle) -> None:
+    c = cluster.client
+    assert upload(c, oracle.adapters["a7"], "dl").status_code == 201
+    r = c.get("/adapters/dl/download")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+        assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+        for name in archive.namelist():
+            assert archive.read(name) == (oracle.adapters["a7"] / name).read_bytes(), name
+    # Removed once sent (a background task after the last byte: polled, not assumed).
+    wait_for(lambda: not list((cluster.store / ".staging").iterdir()), 10, "the sent zip removed")
+    assert c.delete("/adapters/dl").status_code == 200
+    r = c.get("/adapters/dl/download")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 
 
 def _hold_on_every_replica(cluster, adapter_id: str, prompt: str = PROMPT) -> None:
