@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 from .api.errors import ApiError
 from .engine import Engine
 from .failpoints import failpoint
-from .merging import MergeError, MergeSpec, merge
+from .merging import MergedAdapter, MergeError, MergeSpec, merge
 from .merging.adapter_files import write_peft_adapter
 from .merging.export import MergedCheckpoint, stream_checkpoint_tar
 from .metrics import ServiceMetrics
@@ -38,6 +38,14 @@ from .store import AdapterStore, StagedAdapter, StoredAdapter, new_adapter_id, v
 log = logging.getLogger(__name__)
 
 BASE = "base"
+
+
+def merge_adapters(loaded: list[LoadedAdapter], spec: MergeSpec, modules: dict[str, Any]) -> MergedAdapter:
+    """`merge` (see merging/), its MergeError as the API's 422 incompatible_sources (serve and Ray replicas)."""
+    try:
+        return merge(loaded, spec, modules)
+    except MergeError as exc:
+        raise ApiError(422, "incompatible_sources", str(exc), {"reasons": exc.reasons}) from None
 
 
 @dataclass(eq=False)
@@ -259,11 +267,7 @@ class AdapterManager:
         try:
             loaded = [await self._loaded_or_prepared(source_id) for source_id, _ in sources]
             spec.weights = [weight for _, weight in sources]
-            modules = self.engine.runtime.index.modules
-            try:
-                merged = await asyncio.to_thread(merge, loaded, spec, modules)
-            except MergeError as exc:
-                raise ApiError(422, "incompatible_sources", str(exc), {"reasons": exc.reasons}) from None
+            merged = await asyncio.to_thread(merge_adapters, loaded, spec, self.engine.runtime.index.modules)
             with tempfile.TemporaryDirectory(dir=self.store.staging) as tmp:  # cleaned at start-up too
                 directory = await asyncio.to_thread(write_peft_adapter, merged, Path(tmp))
                 failpoint("merge.written")

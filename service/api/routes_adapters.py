@@ -35,6 +35,12 @@ def adapter_info(record: AdapterRecord, active: str | None) -> AdapterInfo:
     )
 
 
+def merge_spec(body: MergeRequest) -> MergeSpec:
+    """The merge method and its options from a /adapters/merge body (serve and the Ray ingress)."""
+    return MergeSpec(method=body.method, weights=[s.weight for s in body.sources], density=body.density,
+                     majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank, seed=body.seed)
+
+
 ADMIN = [Depends(require("admin"))]
 READ = [Depends(require("inference"))]
 
@@ -54,9 +60,8 @@ async def upload_adapter(
 @router.post("/merge", status_code=201, response_model=AdapterInfo, dependencies=ADMIN)
 async def merge_adapters(body: MergeRequest, state: State) -> AdapterInfo:
     """Combine adapters into a new stored adapter (PEFT's add_weighted_adapter methods)."""
-    spec = MergeSpec(method=body.method, weights=[], density=body.density,
-                     majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank, seed=body.seed)
-    record = await state.adapters.merge(body.adapter_id, [(s.adapter_id, s.weight) for s in body.sources], spec)
+    record = await state.adapters.merge(body.adapter_id, [(s.adapter_id, s.weight) for s in body.sources],
+                                        merge_spec(body))
     return adapter_info(record, state.adapters.active)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,11 +27,12 @@ from ..api.auth import ApiKeys, require
 from ..api.body_limit import StreamedBodyLimit
 from ..api.errors import ApiError, install_error_handlers
 from ..api.middleware import install_request_middleware
-from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest
+from ..api.routes_adapters import merge_spec
+from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest, MergeRequest
 from ..demo_model import DEMO_MODEL_NAME
 from ..metrics import ServiceMetrics
 from ..settings import Settings
-from ..store import AdapterStore, new_adapter_id, validate_adapter_id
+from ..store import AdapterStore, StagedAdapter, new_adapter_id, validate_adapter_id
 from ..store_errors import AdapterNotFoundError
 from .cluster_state import model_id, state_actor, stored_entry
 
@@ -89,7 +92,34 @@ class Ingress:
     # ---- operations the routes call ---------------------------------------------------------------------
 
     async def upload(self, files: list[tuple[str, Any]], adapter_id: str | None) -> AdapterInfo:
-        """Stage -> validate on a replica -> commit to the store -> publish the version; all or nothing."""
+        """Stage the uploaded files, then validate and commit them (see `_create`)."""
+        return await self._create(adapter_id, lambda: asyncio.to_thread(
+            self.store.stage_files, files, self.settings.max_upload_bytes))
+
+    async def merge(self, body: MergeRequest) -> AdapterInfo:
+        """A replica merges the sources' stored versions into a staging directory; committed like an upload."""
+        async def stage() -> StagedAdapter:
+            sources = []
+            for source in body.sources:
+                entry = await self.state.lookup.remote(source.adapter_id)
+                if entry is None:
+                    raise _not_found(source.adapter_id)
+                sources.append(model_id(entry["id"], entry["version"]))
+            directory = await asyncio.to_thread(tempfile.mkdtemp, prefix="merge-", dir=self.store.staging)
+            try:
+                merged = await self.call_replica(
+                    lambda: self.replicas.merge.remote(sources, merge_spec(body), directory))
+                if merged["status"] != 200:
+                    raise _api_error(merged)
+                return await asyncio.to_thread(self.store.stage_directory, Path(directory))
+            finally:
+                await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+
+        return await self._create(body.adapter_id, stage)
+
+    async def _create(self, adapter_id: str | None, stage: Callable[[], Awaitable[StagedAdapter]]) -> AdapterInfo:
+        """Reserve the id -> stage -> validate on a replica -> commit to the store -> publish the version;
+        all or nothing."""
         adapter_id = validate_adapter_id(adapter_id or new_adapter_id())
         code = await self.state.reserve.remote(adapter_id)
         if code == "adapter_exists":
@@ -98,19 +128,21 @@ class Ingress:
             raise ApiError(409, code, f"the store holds its limit of {self.settings.max_adapters} adapters; "
                            "delete one first", {"max_adapters": self.settings.max_adapters})
         staged = None
+        committed = False
         try:
-            staged = await asyncio.to_thread(self.store.stage_files, files, self.settings.max_upload_bytes)
+            staged = await stage()
             checked = await self.call_replica(lambda: self.replicas.validate.remote(adapter_id, str(staged.path)))
             if checked["status"] != 200:
                 raise _api_error(checked)
             stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, checked["body"]["summary"])
-            staged = None
+            committed = True
             entry = stored_entry(stored, checked["body"]["resident_bytes"])
             await self.state.register.remote(entry)  # visible to every replica from here on
         finally:
-            if staged is not None:
+            if not committed:
                 await self.state.release.remote(adapter_id)
-                await asyncio.to_thread(staged.discard)
+                if staged is not None:
+                    await asyncio.to_thread(staged.discard)
         listing = await self.state.listing.remote()
         return adapter_info(entry, listing["active"], set(listing["resident"]))
 
@@ -227,6 +259,12 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
         """Upload a PEFT-format adapter: validated once, stored, then visible to every replica."""
         # Bodies over the upload limit were refused by the middleware (declared or chunked); the store counts too.
         return await svc.upload([(f.filename or "", f.file) for f in files], adapter_id or None)
+
+    @app.post("/adapters/merge", status_code=201, response_model=AdapterInfo, dependencies=admin,
+              tags=["adapters"])
+    async def merge_adapters(body: MergeRequest, svc: Svc) -> AdapterInfo:
+        """Combine adapters into a new stored adapter (PEFT's add_weighted_adapter methods), on a replica."""
+        return await svc.merge(body)
 
     @app.get("/adapters", response_model=AdapterList, dependencies=read, tags=["adapters"])
     async def list_adapters(svc: Svc) -> AdapterList:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ray import serve
 
+from ..adapter_manager import merge_adapters
 from ..api.deps import ServiceState
 from ..api.errors import ApiError, error_body, runtime_error_status
 from ..api.generation import generate_events, generate_result
@@ -27,6 +28,8 @@ from ..api.routes_generate import generate_response, sse_stream
 from ..api.schemas import GenerateRequest
 from ..engine import Engine, GenerationRequest, SamplingParams
 from ..failpoints import failpoint
+from ..merging import MergeSpec
+from ..merging.adapter_files import write_peft_adapter
 from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
 from ..runtime import AdapterError, AdapterRuntime
@@ -82,15 +85,21 @@ class AdapterReplica:
             if entry is None or entry["version"] != version:
                 raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
                                {"adapter_id": adapter_id})
-            try:
-                stored = await asyncio.to_thread(self.source.fetch, adapter_id, version)
-            except StaleAdapterError as exc:
-                raise ApiError(404, "adapter_not_found", str(exc), {"adapter_id": adapter_id}) from None
-            prepared = await asyncio.to_thread(self.service.engine.runtime.prepare, model_id, stored.path)
+            path = await self._fetch(model_id)
+            prepared = await asyncio.to_thread(self.service.engine.runtime.prepare, model_id, path)
             failpoint("replica.loading")
             record = await self.adapters.attach(prepared)
             log.info("replica %s loaded adapter %s", self.replica_id, model_id)
             return record
+
+    async def _fetch(self, model_id: str) -> Path:
+        """The directory of one adapter version in the shared store; 404 if the store holds another."""
+        adapter_id, version = split_model_id(model_id)
+        try:
+            stored = await asyncio.to_thread(self.source.fetch, adapter_id, version)
+        except StaleAdapterError as exc:
+            raise ApiError(404, "adapter_not_found", str(exc), {"adapter_id": adapter_id}) from None
+        return stored.path
 
     def _forget(self, model_id: str) -> None:
         """Drop a freed model id from Serve's LRU (private structure: guarded, so a change only costs a slot)."""
@@ -199,3 +208,16 @@ class AdapterReplica:
             return self._error(exc)
         summary = {**prepared.config.summary(), "rank": prepared.rank}
         return reply(200, {"summary": summary, "resident_bytes": prepared.resident_bytes}, self.replica_id)
+
+    async def merge(self, sources: list[str], spec: MergeSpec, directory: str) -> dict[str, Any]:
+        """Merge adapter versions (model ids, in order) read from the shared store and write the result's PEFT
+        files into `directory` (the ingress's staging area); the ingress validates and commits them."""
+        runtime = self.service.engine.runtime
+        try:
+            loaded = [await asyncio.to_thread(runtime.prepare, model_id, await self._fetch(model_id))
+                      for model_id in sources]
+            merged = await asyncio.to_thread(merge_adapters, loaded, spec, runtime.index.modules)
+        except (ApiError, AdapterError) as exc:
+            return self._error(exc)
+        await asyncio.to_thread(write_peft_adapter, merged, Path(directory))
+        return reply(200, None, self.replica_id)

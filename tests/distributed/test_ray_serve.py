@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray", reason="the distributed suite needs the [distributed] extra (make test-distributed)")
 
-from api.conftest import upload  # noqa: E402
+from api.conftest import tree, upload  # noqa: E402
 
 from .conftest import NUM_REPLICAS, wait_for  # noqa: E402
 
@@ -129,6 +129,45 @@ def test_download_is_the_uploaded_peft_files(cluster, oracle) -> None:
     assert c.delete("/adapters/dl").status_code == 200
     r = c.get("/adapters/dl/download")
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+
+
+def test_merge_on_a_replica_matches_peft(cluster, oracle) -> None:
+    import copy
+
+    from peft import PeftModel
+
+    c = cluster.client
+    for name in ("a0", "a1"):
+        assert upload(c, oracle.adapters[name], f"m-{name}").status_code == 201
+    body = {"adapter_id": "mix", "sources": [{"adapter_id": "m-a0", "weight": 0.6},
+                                             {"adapter_id": "m-a1", "weight": 0.4}], "method": "cat"}
+    r = c.post("/adapters/merge", json=body)
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == "mix" and r.json()["rank"] == 8 and (cluster.store / "mix" / "manifest.json").exists()
+    # The oracle: PEFT's add_weighted_adapter with the same method and weights.
+    peft = PeftModel.from_pretrained(copy.deepcopy(oracle.base_model), oracle.adapters["a0"], adapter_name="a0")
+    peft.load_adapter(oracle.adapters["a1"], adapter_name="a1")
+    peft.add_weighted_adapter(["a0", "a1"], [0.6, 0.4], "mix", combination_type="cat")
+    peft.set_adapter("mix")
+    oracle._models["ray-mix"] = peft.eval()
+    expected = oracle.tokens("ray-mix", PROMPT, TOKENS)
+    assert expected != oracle.tokens("a0", PROMPT, TOKENS)
+    for r in burst(c, [("mix", PROMPT)] * 4):
+        assert r.status_code == 200 and r.json()["token_ids"] == expected
+
+    assert c.post("/adapters/merge", json=body).status_code == 409, "an existing id is a conflict"
+    before = tree(cluster.store)
+    bad = c.post("/adapters/merge", json={**body, "adapter_id": "bad", "method": "linear", "sources": [
+        {"adapter_id": "mix"}, {"adapter_id": "m-a0"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "incompatible_sources", bad.text
+    assert "same rank" in bad.json()["error"]["message"]
+    missing = c.post("/adapters/merge", json={**body, "adapter_id": "bad", "sources": [{"adapter_id": "nope"}]})
+    assert missing.status_code == 404 and missing.json()["error"]["details"] == {"adapter_id": "nope"}
+    assert tree(cluster.store) == before, "a failed merge leaves nothing behind"
+    assert c.get("/adapters/bad").status_code == 404
+    assert c.post("/adapters/merge", json={**body, "adapter_id": "bad"}).status_code == 201, "the id was released"
+    for name in ("mix", "bad", "m-a0", "m-a1"):
+        assert c.delete(f"/adapters/{name}").status_code == 200
 
 
 def _hold_on_every_replica(cluster, adapter_id: str, prompt: str = PROMPT) -> None:
