@@ -193,11 +193,28 @@ class Ingress:
             reply = await self.call_replica(lambda: handle.generate.remote(payload))
             return JSONResponse(reply["body"], reply["status"], {**reply["headers"], REPLICA_HEADER: reply["replica"]})
         streaming = handle.options(stream=True)
+        return await self.stream(lambda: streaming.generate_stream.remote(payload), "text/event-stream",
+                                 {"Cache-Control": "no-cache"})
+
+    async def export(self, adapter_id: str) -> JSONResponse | StreamingResponse:
+        """The merged checkpoint's tar, built and streamed by a replica from the stored version."""
+        entry = await self.state.lookup.remote(adapter_id)
+        if entry is None:
+            raise _not_found(adapter_id)
+        name = model_id(entry["id"], entry["version"])
+        return await self.stream(lambda: self.replicas.options(stream=True).export_stream.remote(name),
+                                 "application/x-tar",
+                                 {"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})
+
+    async def stream(self, start: Callable[[], Any], media_type: str,
+                     headers: dict[str, str]) -> JSONResponse | StreamingResponse:
+        """Relay a replica's streaming method: its first item is a reply (an error answers as JSON), the rest
+        are the body's bytes."""
         chunks = None
 
         async def first() -> Any:
             nonlocal chunks
-            chunks = streaming.generate_stream.remote(payload)
+            chunks = start()
             return await chunks.__anext__()
 
         head = await self.call_replica(first)  # retried only before the first byte: later, a retry would repeat
@@ -209,10 +226,9 @@ class Ingress:
                 async for chunk in chunks:
                     yield chunk
             finally:
-                chunks.cancel()  # the client went away: the replica stops generating and frees the row
+                chunks.cancel()  # the client went away: the replica stops (generating) and frees what it holds
 
-        return StreamingResponse(rest(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", REPLICA_HEADER: head["replica"]})
+        return StreamingResponse(rest(), media_type=media_type, headers={**headers, REPLICA_HEADER: head["replica"]})
 
     async def health(self) -> dict[str, Any]:
         listing = await self.state.listing.remote()
@@ -306,6 +322,11 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
         path = await svc.zip_adapter(adapter_id)
         return FileResponse(path, media_type="application/zip", filename=f"{adapter_id}.zip",
                             background=BackgroundTask(path.unlink, missing_ok=True))
+
+    @app.post("/adapters/{adapter_id}/export", dependencies=admin, tags=["adapters"])
+    async def export_merged_model(adapter_id: str, svc: Svc):
+        """A tar of a standalone Hugging Face checkpoint with the adapter merged in, streamed from a replica."""
+        return await svc.export(adapter_id)
 
     @app.delete("/adapters/{adapter_id}", response_model=DeleteResponse, dependencies=admin, tags=["adapters"])
     async def delete_adapter(adapter_id: str, svc: Svc) -> DeleteResponse:

@@ -30,6 +30,7 @@ from ..engine import Engine, GenerationRequest, SamplingParams
 from ..failpoints import failpoint
 from ..merging import MergeSpec
 from ..merging.adapter_files import write_peft_adapter
+from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
 from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
 from ..runtime import AdapterError, AdapterRuntime
@@ -221,3 +222,19 @@ class AdapterReplica:
             return self._error(exc)
         await asyncio.to_thread(write_peft_adapter, merged, Path(directory))
         return reply(200, None, self.replica_id)
+
+    async def export_stream(self, model_id: str) -> AsyncIterator[dict[str, Any] | bytes]:
+        """The tar of the base model with this adapter version merged in (as serve's export): first a reply
+        (its status decides the HTTP answer, e.g. 422 not_mergeable), then the tar's chunks."""
+        adapter_id = split_model_id(model_id)[0]
+        runtime = self.service.engine.runtime
+        try:
+            loaded = await asyncio.to_thread(runtime.prepare, adapter_id, await self._fetch(model_id))
+            checkpoint = MergedCheckpoint(runtime.model, runtime.index, loaded)
+        except (ApiError, AdapterError) as exc:
+            yield self._error(exc)
+            return
+        yield reply(200, None, self.replica_id)
+        chunks = stream_checkpoint_tar(checkpoint, self.service.base.tokenizer, f"{adapter_id}-merged")
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:  # tensors copied off the loop
+            yield chunk

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,28 @@ def test_merge_on_a_replica_matches_peft(cluster, oracle) -> None:
     assert c.post("/adapters/merge", json={**body, "adapter_id": "bad"}).status_code == 201, "the id was released"
     for name in ("mix", "bad", "m-a0", "m-a1"):
         assert c.delete(f"/adapters/{name}").status_code == 200
+
+
+def test_export_streams_the_merged_checkpoint_from_a_replica(cluster, oracle, tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    c = cluster.client
+    assert upload(c, oracle.adapters["a2"], "exp").status_code == 201
+    with c.stream("POST", "/adapters/exp/export") as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+        assert r.headers["X-Replica-Id"] in cluster.replicas()
+        data = b"".join(r.iter_bytes())
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exp-merged", dtype=torch.float32).eval()
+    ids = torch.tensor([oracle.tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, oracle.model("a2")(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+    assert c.delete("/adapters/exp").status_code == 200
+    r = c.post("/adapters/exp/export")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 
 
 def _hold_on_every_replica(cluster, adapter_id: str, prompt: str = PROMPT) -> None:
