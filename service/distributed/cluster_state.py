@@ -78,6 +78,7 @@ class ClusterState:
         self.reserved: set[str] = set()  # ids with an upload in progress
         self.deleting: set[str] = set()
         self.active: str | None = None
+        self.fused = False  # the active adapter runs on merged weights on every replica that holds it
         self.epoch = 0
         self.drops: list[tuple[int, str]] = []  # (epoch, model id) to free, in epoch order
         self.replicas: dict[str, ReplicaLease] = {}
@@ -87,15 +88,16 @@ class ClusterState:
             stored, corrupt = reader.scan()
             for entry in corrupt:
                 log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
-            self.seed([stored_entry(item) for item in stored], reader.get_active())
+            self.seed([stored_entry(item) for item in stored], reader.get_active(), reader.get_active_fused())
             log.info("cluster state %s: %d adapter(s) from %s", self.incarnation, len(self.entries), store)
 
     # ---- adapters --------------------------------------------------------------------------------------
 
-    def seed(self, entries: list[dict[str, Any]], active: str | None) -> None:
-        """Start from these adapters (the store's contents) and this active one."""
+    def seed(self, entries: list[dict[str, Any]], active: str | None, fused: bool = False) -> None:
+        """Start from these adapters (the store's contents) and this active one (fused or not)."""
         self.entries = {e["id"]: e for e in entries}
         self.active = active if active in self.entries else None
+        self.fused = fused and self.active is not None
 
     def reserve(self, adapter_id: str) -> str | None:
         """Claim an id for an upload; an error code if it is taken or the limit is reached."""
@@ -132,6 +134,17 @@ class ClusterState:
         entry = self.lookup(requested or self.active or "")
         return ("ok", entry) if entry is not None else ("adapter_not_found", None)
 
+    def fused_model(self) -> str | None:
+        """The model id every replica fuses when it holds it (the active adapter, activated with fuse)."""
+        if not self.fused or self.active is None:
+            return None
+        entry = self.entries[self.active]
+        return model_id(entry["id"], entry["version"])
+
+    def route(self, requested: str | None) -> tuple[str, dict[str, Any] | None, str | None]:
+        """`resolve`, plus the fused model id that travels with the request to its replica."""
+        return (*self.resolve(requested), self.fused_model())
+
     def listing(self) -> dict[str, Any]:
         """Visible adapters (oldest first), the active one, model ids resident anywhere, and per live replica."""
         visible = [e for i, e in self.entries.items() if i not in self.deleting]
@@ -140,11 +153,12 @@ class ClusterState:
         return {"adapters": sorted(visible, key=lambda e: (e["created_at"], e["id"])), "active": self.active,
                 "resident": sorted(resident), "replicas": {r: sorted(lease.resident) for r, lease in live.items()}}
 
-    def activate(self, adapter_id: str | None) -> bool:
-        """Make an adapter the cluster-wide default (None: the base model); False if it does not exist."""
+    def activate(self, adapter_id: str | None, fused: bool = False) -> bool:
+        """Make an adapter the cluster-wide default (None: the base model), fused or not; False if it does
+        not exist."""
         if adapter_id is not None and self.lookup(adapter_id) is None:
             return False
-        self.active = adapter_id
+        self.active, self.fused = adapter_id, fused and adapter_id is not None
         return True
 
     # ---- deletes -----------------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ class ClusterState:
             return None
         self.deleting.add(adapter_id)
         if self.active == adapter_id:
-            self.active = None
+            self.active, self.fused = None, False
         async with self._changed:
             self.epoch += 1
             self.drops.append((self.epoch, model_id(adapter_id, entry["version"])))

@@ -176,24 +176,33 @@ class Ingress:
         await self.state.finish_delete.remote(adapter_id)
         return DeleteResponse(deleted=adapter_id, freed_bytes=sum(acks["freed"].values()))
 
-    async def activate(self, adapter_id: str | None) -> ActiveResponse:
-        if not await self.state.activate.remote(adapter_id):
-            raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
-                           {"adapter_id": adapter_id})
-        await asyncio.to_thread(self.store.set_active, adapter_id)  # restored when the cluster restarts
-        return ActiveResponse(active=adapter_id)
+    async def activate(self, adapter_id: str | None, fuse: bool = False) -> ActiveResponse:
+        """The cluster-wide default; with `fuse`, every replica runs it on merged weights once it holds it
+        (checked on a replica first: 422 not_mergeable for adapter types that cannot merge)."""
+        if fuse:
+            entry = await self.state.lookup.remote(adapter_id)
+            if entry is None:
+                raise _not_found(adapter_id)
+            name = model_id(entry["id"], entry["version"])
+            checked = await self.call_replica(lambda: self.replicas.check_fusable.remote(name))
+            if checked["status"] != 200:
+                raise _api_error(checked)
+        if not await self.state.activate.remote(adapter_id, fuse):
+            raise _not_found(adapter_id)
+        await asyncio.to_thread(self.store.set_active, adapter_id, fuse)  # restored when the cluster restarts
+        return ActiveResponse(active=adapter_id, fused=True) if fuse else ActiveResponse(active=adapter_id)
 
     async def generate(self, body: GenerateRequest) -> JSONResponse | StreamingResponse:
-        status, entry = await self.state.resolve.remote(body.adapter_id)
+        status, entry, fused = await self.state.route.remote(body.adapter_id)
         if status != "ok":
             raise ApiError(404, status, f"adapter '{body.adapter_id}' does not exist", {"adapter_id": body.adapter_id})
         handle = self.replicas.options(multiplexed_model_id=model_id(entry["id"], entry["version"]) if entry else "")
         payload = body.model_dump()
         if not body.stream:
-            reply = await self.call_replica(lambda: handle.generate.remote(payload))
+            reply = await self.call_replica(lambda: handle.generate.remote(payload, fused))
             return JSONResponse(reply["body"], reply["status"], {**reply["headers"], REPLICA_HEADER: reply["replica"]})
         streaming = handle.options(stream=True)
-        return await self.stream(lambda: streaming.generate_stream.remote(payload), "text/event-stream",
+        return await self.stream(lambda: streaming.generate_stream.remote(payload, fused), "text/event-stream",
                                  {"Cache-Control": "no-cache"})
 
     async def export(self, adapter_id: str) -> JSONResponse | StreamingResponse:
@@ -303,11 +312,9 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
     @app.put("/adapters/{adapter_id}/activate", response_model=ActiveResponse, response_model_exclude_unset=True,
              dependencies=admin, tags=["adapters"])
     async def activate_adapter(adapter_id: str, svc: Svc, fuse: bool = False) -> ActiveResponse:
-        """Make this adapter the default for requests that name none, on every replica."""
-        if fuse:
-            raise ApiError(422, "fuse_unsupported", "fused activation is not available on Ray Serve; activate "
-                           "without fuse=true", {"adapter_id": adapter_id})
-        return await svc.activate(adapter_id)
+        """Make this adapter the default for requests that name none, on every replica; `fuse=true` runs it on
+        merged weights on each replica that holds it."""
+        return await svc.activate(adapter_id, fuse)
 
     @app.delete("/adapters/active", response_model=ActiveResponse, response_model_exclude_unset=True,
                 dependencies=admin, tags=["adapters"])

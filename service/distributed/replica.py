@@ -34,6 +34,7 @@ from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
 from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
 from ..runtime import AdapterError, AdapterRuntime
+from ..runtime.adapter_types.base import NotMergeableError
 from ..settings import Settings
 from .cluster_state import split_model_id, state_actor
 from .resident import ResidentAdapter, ResidentAdapters
@@ -153,12 +154,30 @@ class AdapterReplica:
 
     # ---- requests ----------------------------------------------------------------------------------------
 
-    async def _request(self, body: dict[str, Any]) -> tuple[GenerationRequest, str]:
+    async def _follow_fused(self, fused: str | None) -> None:
+        """Fuse the cluster's fused model id if it is resident here, else unfuse (on the engine thread).
+
+        Fusing changes speed, never outputs: a fused adapter's rows run on merged copies of its modules,
+        everything else on the unchanged base weights (see runtime.fuse)."""
+        runtime = self.service.engine.runtime
+        if runtime.fused == (fused if fused in runtime.adapters else None):  # the usual case: nothing to do
+            return
+
+        def follow(rt: AdapterRuntime) -> None:
+            if fused is not None and fused in rt.adapters:
+                rt.fuse(fused)
+            else:
+                rt.unfuse()
+
+        await self.service.engine.call(follow)
+
+    async def _request(self, body: dict[str, Any], fused: str | None) -> tuple[GenerationRequest, str]:
         """The engine request for a /generate body, its adapter loaded; (request, adapter id as reported)."""
         parsed = GenerateRequest(**body)
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self._get_adapter(model_id)
+        await self._follow_fused(fused)
         params = SamplingParams(
             max_new_tokens=parsed.max_new_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
             top_k=parsed.top_k, seed=parsed.seed, stop=tuple(parsed.stop), ignore_eos=parsed.ignore_eos,
@@ -178,19 +197,20 @@ class AdapterReplica:
                          self.replica_id)
         raise exc
 
-    async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One completion: reply with the /generate JSON body."""
+    async def generate(self, body: dict[str, Any], fused: str | None = None) -> dict[str, Any]:
+        """One completion: reply with the /generate JSON body (`fused`: the cluster's fused model id)."""
         try:
-            request, label = await self._request(body)
+            request, label = await self._request(body, fused)
             result = await generate_result(self.service, request)
         except (ApiError, AdapterError) as exc:
             return self._error(exc)
         return reply(200, generate_response(result, label).model_dump(), self.replica_id)
 
-    async def generate_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | bytes]:
+    async def generate_stream(self, body: dict[str, Any],
+                              fused: str | None = None) -> AsyncIterator[dict[str, Any] | bytes]:
         """A streamed completion: first a reply (its status decides the HTTP answer), then SSE chunks."""
         try:
-            request, label = await self._request(body)
+            request, label = await self._request(body, fused)
             events = await generate_events(self.service, request)
         except (ApiError, AdapterError) as exc:
             yield self._error(exc)
@@ -238,3 +258,21 @@ class AdapterReplica:
         chunks = stream_checkpoint_tar(checkpoint, self.service.base.tokenizer, f"{adapter_id}-merged")
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:  # tensors copied off the loop
             yield chunk
+
+    async def check_fusable(self, model_id: str) -> dict[str, Any]:
+        """Whether this adapter version can be fused (before a fused activation): 422 not_mergeable if not."""
+        adapter_id = split_model_id(model_id)[0]
+        try:
+            loaded = await asyncio.to_thread(self.service.engine.runtime.prepare, adapter_id,
+                                             await self._fetch(model_id))
+            blocker = loaded.merge_blocker()
+            if blocker is not None:
+                raise NotMergeableError(f"adapter '{adapter_id}' cannot be fused: {blocker}",
+                                        {"adapter_id": adapter_id})
+        except (ApiError, AdapterError) as exc:
+            return self._error(exc)
+        return reply(200, None, self.replica_id)
+
+    def fused_adapter(self) -> tuple[str, str | None]:
+        """(this replica, the model id its runtime holds fused): for tests and debugging."""
+        return self.replica_id, self.service.engine.runtime.fused

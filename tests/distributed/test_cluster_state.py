@@ -37,6 +37,19 @@ def test_reserve_register_resolve_and_activate() -> None:
     assert state.resolve("nope") == ("adapter_not_found", None)
 
 
+def test_fused_activation_travels_with_each_request_until_deactivated_or_deleted() -> None:
+    state = ClusterState()
+    state.seed([entry("x"), entry("y")], active="x", fused=True)  # as restored from the store
+    fused = model_id("x", entry("x")["version"])
+    assert state.route("y") == ("ok", entry("y"), fused), "requests for other adapters carry it too"
+    assert state.activate("y") and state.route(None) == ("ok", entry("y"), None), "activating unfuses"
+    assert state.activate("x", fused=True) and state.fused_model() == fused
+    assert state.activate(None, fused=True) and state.fused_model() is None
+    assert state.activate("x", fused=True)
+    asyncio.run(state.begin_delete("x"))
+    assert state.active is None and state.fused_model() is None
+
+
 def test_delete_waits_for_every_live_replica_then_frees_the_id() -> None:
     async def scenario() -> None:
         state = ClusterState(lease_s=5.0)

@@ -205,6 +205,49 @@ def _hold_on_every_replica(cluster, adapter_id: str, prompt: str = PROMPT) -> No
     wait_for(everywhere, 60, f"{adapter_id} resident on every replica", interval=0)
 
 
+def _fused_per_replica() -> dict[str, str | None]:
+    """Every replica's fused model id, asked through the deployment handle until both answered."""
+    from ray import serve
+
+    from service.distributed.app import APP_NAME
+
+    handle = serve.get_deployment_handle("AdapterReplica", APP_NAME)
+    seen: dict[str, str | None] = {}
+
+    def both() -> bool:
+        seen.update(handle.fused_adapter.remote().result() for _ in range(4))
+        return len(seen) == NUM_REPLICAS
+
+    wait_for(both, 30, "both replicas answering", interval=0)
+    return seen
+
+
+def test_fused_activation_on_every_replica_keeps_exact_outputs(cluster, oracle) -> None:
+    c = cluster.client
+    for name in ("a3", "a4"):
+        assert upload(c, oracle.adapters[name], f"f-{name}").status_code == 201
+    want = {name: oracle.tokens(name, PROMPT, TOKENS) for name in ("a3", "a4")} | {
+        "base": oracle.tokens(None, PROMPT, TOKENS)}
+    r = c.put("/adapters/f-a3/activate", params={"fuse": "true"})
+    assert r.status_code == 200 and r.json() == {"active": "f-a3", "fused": True}
+    _hold_on_every_replica(cluster, "f-a3")  # every replica holds it, and each request carries the fused id
+    fused = _fused_per_replica()
+    assert all(m is not None and m.startswith("f-a3@") for m in fused.values()), fused
+    jobs = [(None, PROMPT), ("f-a3", PROMPT), ("f-a4", PROMPT), ("base", PROMPT)] * 2
+    for (adapter, _), r in zip(jobs, burst(c, jobs), strict=True):
+        assert r.status_code == 200 and r.json()["token_ids"] == want[{None: "a3", "f-a3": "a3", "f-a4": "a4",
+                                                                      "base": "base"}[adapter]], adapter
+    assert c.put("/adapters/nope/activate", params={"fuse": "true"}).status_code == 404
+    # Deactivating unfuses each replica at its next request.
+    assert c.delete("/adapters/active").json() == {"active": None}
+    _hold_on_every_replica(cluster, "f-a3")
+    assert set(_fused_per_replica().values()) == {None}
+    assert gen(c, None).json()["token_ids"] == want["base"]
+    assert gen(c, "f-a3").json()["token_ids"] == want["a3"]
+    for name in ("f-a3", "f-a4"):
+        assert c.delete(f"/adapters/{name}").status_code == 200
+
+
 def test_delete_and_reupload_same_id_never_serves_stale_weights(cluster, oracle) -> None:
     c = cluster.client
     assert upload(c, oracle.adapters["a0"], "same").status_code == 201
