@@ -35,14 +35,16 @@ def _adapter_for(state: ServiceState, model: str) -> str | None:
 @router.get("/models")
 async def list_models(state: State) -> dict:
     """The base model and every adapter."""
+    return model_list(state.base.name, [r.id for r in state.adapters.visible()])
+
+
+def model_list(base_name: str, adapter_ids: list[str]) -> dict:
+    """The /v1/models body: the base model, then every adapter (serve and the Ray ingress)."""
     created = int(time.time())
-    base = {"id": state.base.name, "object": "model", "created": created, "owned_by": "adapter-service",
-            "root": state.base.name, "parent": None}
-    adapters = [
-        {"id": r.id, "object": "model", "created": created, "owned_by": "adapter-service", "root": state.base.name,
-         "parent": state.base.name}
-        for r in state.adapters.visible()
-    ]
+    base = {"id": base_name, "object": "model", "created": created, "owned_by": "adapter-service",
+            "root": base_name, "parent": None}
+    adapters = [{"id": adapter_id, "object": "model", "created": created, "owned_by": "adapter-service",
+                 "root": base_name, "parent": base_name} for adapter_id in adapter_ids]
     return {"object": "list", "data": [base, *adapters]}
 
 
@@ -63,6 +65,11 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     """Text completion for one or more prompts (strings or token ids)."""
     adapter_id = _adapter_for(state, body.model)
     request.state.adapter_id = adapter_id or "base"
+    return await run_completion(state, body, adapter_id)
+
+
+async def run_completion(state: ServiceState, body: CompletionRequest, adapter_id: str | None):
+    """A /v1/completions answer (a dict, or an SSE response) once the adapter is known (serve, Ray replicas)."""
     prompts = _prompt_ids(state, body.prompt)
     params = _params(body, body.max_tokens or 16)
     created, completion_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -90,6 +97,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """Chat completion: messages rendered with the tokenizer's chat template (a plain default otherwise)."""
     adapter_id = _adapter_for(state, body.model)
     request.state.adapter_id = adapter_id or "base"
+    return await run_chat_completion(state, body, adapter_id)
+
+
+async def run_chat_completion(state: ServiceState, body: ChatCompletionRequest, adapter_id: str | None):
+    """A /v1/chat/completions answer once the adapter is known (serve, Ray replicas)."""
     tokenizer = state.base.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
@@ -28,7 +29,9 @@ from ..api.body_limit import StreamedBodyLimit
 from ..api.errors import ApiError, install_error_handlers
 from ..api.middleware import install_request_middleware
 from ..api.routes_adapters import merge_spec
+from ..api.routes_openai import model_list
 from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest, MergeRequest
+from ..api.schemas_openai import ChatCompletionRequest, CompletionRequest
 from ..demo_model import DEMO_MODEL_NAME
 from ..metrics import ServiceMetrics
 from ..settings import Settings
@@ -75,6 +78,7 @@ class Ingress:
         # Uploads in progress belonged to a previous ingress (if it crashed): their ids are free again.
         await self.state.clear_reservations.remote()
         self.metrics = ServiceMetrics()
+        self.base_name = self.settings.model or DEMO_MODEL_NAME  # as model_loading names it
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_ingress_app(self)
@@ -205,6 +209,26 @@ class Ingress:
         return await self.stream(lambda: streaming.generate_stream.remote(payload, fused), "text/event-stream",
                                  {"Cache-Control": "no-cache"})
 
+    async def openai(self, kind: str, body: CompletionRequest | ChatCompletionRequest,
+                     request: Request) -> JSONResponse | StreamingResponse:
+        """/v1 completions on a replica: `model` is the base model's name, "base", or an adapter id."""
+        name = ""
+        fused = await self.state.fused_model.remote()
+        if body.model not in (self.base_name, "base"):
+            entry = await self.state.lookup.remote(body.model)
+            if entry is None:
+                raise _not_found(body.model)
+            name = model_id(entry["id"], entry["version"])
+        request.state.adapter_id = body.model if name else "base"  # the request metrics' label, as in serve
+        handle = self.replicas.options(multiplexed_model_id=name)
+        payload = body.model_dump()
+        if not body.stream:
+            reply = await self.call_replica(lambda: handle.openai.remote(kind, payload, fused))
+            return JSONResponse(reply["body"], reply["status"], {**reply["headers"], REPLICA_HEADER: reply["replica"]})
+        streaming = handle.options(stream=True)
+        return await self.stream(lambda: streaming.openai_stream.remote(kind, payload, fused), "text/event-stream",
+                                 {"Cache-Control": "no-cache"})
+
     async def export(self, adapter_id: str) -> JSONResponse | StreamingResponse:
         """The merged checkpoint's tar, built and streamed by a replica from the stored version."""
         entry = await self.state.lookup.remote(adapter_id)
@@ -244,7 +268,7 @@ class Ingress:
         resident = set(listing["resident"])
         entries = listing["adapters"]
         return {
-            "status": "ok", "model": self.settings.model or DEMO_MODEL_NAME, "device": self.settings.device,
+            "status": "ok", "model": self.base_name, "device": self.settings.device,
             "active_adapter": listing["active"], "adapters": len(entries),
             "adapter_bytes": sum(e["resident_bytes"] for e in entries if model_id(e["id"], e["version"]) in resident),
             "adapters_resident": len(resident), "replicas": listing["replicas"],
@@ -344,5 +368,27 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
     async def generate(body: GenerateRequest, svc: Svc):
         """Generate a completion on a replica (JSON, or server-sent events with `"stream": true`)."""
         return await svc.generate(body)
+
+    @app.get("/v1/models", dependencies=read, tags=["openai"])
+    async def list_models(svc: Svc) -> dict:
+        """The base model and every adapter."""
+        listing = await svc.state.listing.remote()
+        return model_list(svc.base_name, [e["id"] for e in listing["adapters"]])
+
+    @app.post("/v1/completions", dependencies=read, tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request, svc: Svc):
+        """Text completion for one or more prompts (strings or token ids), on a replica."""
+        return await svc.openai("completion", body, request)
+
+    @app.post("/v1/chat/completions", dependencies=read, tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request, svc: Svc):
+        """Chat completion (the tokenizer's chat template, or a plain default), on a replica."""
+        return await svc.openai("chat", body, request)
+
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics(svc: Svc) -> Response:
+        """The ingress's own request metrics in the Prometheus text format (replicas' engine metrics are not
+        aggregated here)."""
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

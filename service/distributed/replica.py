@@ -25,7 +25,9 @@ from ..api.deps import ServiceState
 from ..api.errors import ApiError, error_body, runtime_error_status
 from ..api.generation import generate_events, generate_result
 from ..api.routes_generate import generate_response, sse_stream
+from ..api.routes_openai import run_chat_completion, run_completion
 from ..api.schemas import GenerateRequest
+from ..api.schemas_openai import ChatCompletionRequest, CompletionRequest
 from ..engine import Engine, GenerationRequest, SamplingParams
 from ..failpoints import failpoint
 from ..merging import MergeSpec
@@ -218,6 +220,39 @@ class AdapterReplica:
         yield reply(200, None, self.replica_id)
         async for chunk in sse_stream(events, label):
             yield chunk
+
+    async def _openai(self, kind: str, body: dict[str, Any], fused: str | None) -> Any:
+        """Run serve's /v1 handler body on this replica (the adapter: the request's multiplexed model id)."""
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._get_adapter(model_id)
+        await self._follow_fused(fused)
+        if kind == "chat":
+            return await run_chat_completion(self.service, ChatCompletionRequest(**body), model_id or None)
+        return await run_completion(self.service, CompletionRequest(**body), model_id or None)
+
+    async def openai(self, kind: str, body: dict[str, Any], fused: str | None = None) -> dict[str, Any]:
+        """A /v1/completions (`kind` "completion") or /v1/chat/completions ("chat") JSON answer."""
+        try:
+            return reply(200, await self._openai(kind, body, fused), self.replica_id)
+        except (ApiError, AdapterError) as exc:
+            return self._error(exc)
+
+    async def openai_stream(self, kind: str, body: dict[str, Any],
+                            fused: str | None = None) -> AsyncIterator[dict[str, Any] | bytes]:
+        """The streamed variant: first a reply (its status decides the HTTP answer), then OpenAI's SSE chunks."""
+        try:
+            response = await self._openai(kind, body, fused)
+        except (ApiError, AdapterError) as exc:
+            yield self._error(exc)
+            return
+        yield reply(200, None, self.replica_id)
+        chunks = response.body_iterator
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # frees the batch row when the client went away
 
     # ---- admin -------------------------------------------------------------------------------------------
 

@@ -193,6 +193,61 @@ def test_export_streams_the_merged_checkpoint_from_a_replica(cluster, oracle, tm
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 
 
+def test_openai_routes_on_replicas_match_generate(cluster, oracle) -> None:
+    import torch
+
+    from service.api.routes_openai import DEFAULT_CHAT_TEMPLATE
+
+    c = cluster.client
+    assert upload(c, oracle.adapters["a5"], "oa").status_code == 201
+    base_name = c.get("/health").json()["model"]
+    models = c.get("/v1/models").json()["data"]
+    assert models[0]["id"] == base_name and "oa" in [m["id"] for m in models[1:]]
+    for model, adapter in (("oa", "a5"), (base_name, None), ("base", None)):
+        body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Replica-Id"] in cluster.replicas()
+        expected = gen(c, "oa" if adapter else "base").json()  # token ids exactly PEFT's (first test)
+        assert expected["token_ids"] == oracle.tokens(adapter, PROMPT, TOKENS)
+        assert r.json()["choices"][0]["text"] == expected["text"], model
+        assert r.json()["usage"]["completion_tokens"] == len(expected["token_ids"])
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            lines = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+        # (The demo tokenizer's pieces are not whole characters, so the chunks' text is not compared to the text.)
+        assert lines[-1] == "[DONE]" and len(lines) <= len(expected["token_ids"]) + 2
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] == r.json()["choices"][0]["finish_reason"]
+
+    # Chat: the rendered prompt's ids, generated greedily by PEFT, is what the replica generates.
+    messages = [{"role": "user", "content": "hello"}]
+    chat = c.post("/v1/chat/completions", json={"model": "oa", "messages": messages, "max_tokens": TOKENS,
+                                                "temperature": 0})
+    assert chat.status_code == 200, chat.text
+    template = None if getattr(oracle.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE  # as serve
+    prompt = oracle.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                  tokenize=False)
+    ids = oracle.tokenizer(prompt, add_special_tokens=template is not None)["input_ids"]
+    with torch.no_grad():
+        out = oracle.model("a5").generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                                          max_new_tokens=TOKENS, do_sample=False)[0, len(ids):].tolist()
+    eos = oracle.tokenizer.eos_token_id
+    want = out[: out.index(eos)] if eos in out else out
+    as_completion = c.post("/v1/completions", json={"model": "oa", "prompt": ids, "max_tokens": TOKENS,
+                                                    "temperature": 0}).json()
+    assert chat.json()["usage"]["prompt_tokens"] == len(ids) == as_completion["usage"]["prompt_tokens"]
+    assert chat.json()["usage"]["completion_tokens"] == len(want) == as_completion["usage"]["completion_tokens"]
+    assert chat.json()["choices"][0]["message"]["content"] == as_completion["choices"][0]["text"]
+
+    r = c.post("/v1/completions", json={"model": "nope", "prompt": PROMPT})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    metrics = c.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    counted = 'adapter_service_requests_total{adapter="oa",endpoint="/v1/completions",method="POST",status="200"}'
+    assert f"{counted} 3.0" in metrics.text.splitlines(), "the ingress counts its own requests, by adapter"
+    assert c.delete("/adapters/oa").status_code == 200
+
+
 def _hold_on_every_replica(cluster, adapter_id: str, prompt: str = PROMPT) -> None:
     """Send bursts for one adapter until every replica has it resident (bursts spill over to the other
     replica once the one holding it has `max_ongoing_requests` in flight)."""
