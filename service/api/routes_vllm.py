@@ -15,7 +15,7 @@ from .schemas_openai import LoadLoraRequest, UnloadLoraRequest
 router = APIRouter(prefix="/v1", tags=["vllm"], dependencies=[Depends(require("admin"))])
 
 
-def _allowed_path(state, raw: str) -> Path:
+def allowed_lora_path(state, raw: str) -> Path:
     """The adapter directory, only if it lies under an operator-configured root (symlinks resolved)."""
     roots = [root.resolve() for root in state.settings.lora_roots]
     if not roots:
@@ -36,13 +36,21 @@ def _allowed_path(state, raw: str) -> Path:
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoraRequest, state: State) -> str:
     """Load an adapter from a directory under an allowed root (vLLM's request and reply)."""
-    path = _allowed_path(state, body.lora_path)
+    path = allowed_lora_path(state, body.lora_path)
     await state.adapters.load_from_path(body.lora_name, path)
-    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+    return loaded_message(body.lora_name)
 
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse)
 async def unload_lora_adapter(body: UnloadLoraRequest, state: State) -> str:
     """Delete an adapter, exactly as `DELETE /adapters/{id}`."""
     await state.adapters.delete(body.lora_name)
-    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    return unloaded_message(body.lora_name)
+
+
+def loaded_message(name: str) -> str:
+    return f"Success: LoRA adapter '{name}' added successfully."  # vLLM's exact reply
+
+
+def unloaded_message(name: str) -> str:
+    return f"Success: LoRA adapter '{name}' removed successfully."

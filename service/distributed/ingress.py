@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
@@ -30,10 +30,12 @@ from ..api.errors import ApiError, install_error_handlers
 from ..api.middleware import install_request_middleware
 from ..api.routes_adapters import merge_spec
 from ..api.routes_openai import model_list
+from ..api.routes_vllm import allowed_lora_path, loaded_message, unloaded_message
 from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest, MergeRequest
-from ..api.schemas_openai import ChatCompletionRequest, CompletionRequest
+from ..api.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 from ..demo_model import DEMO_MODEL_NAME
 from ..metrics import ServiceMetrics
+from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..settings import Settings
 from ..store import AdapterStore, StagedAdapter, new_adapter_id, validate_adapter_id
 from ..store_errors import AdapterNotFoundError
@@ -99,6 +101,14 @@ class Ingress:
         """Stage the uploaded files, then validate and commit them (see `_create`)."""
         return await self._create(adapter_id, lambda: asyncio.to_thread(
             self.store.stage_files, files, self.settings.max_upload_bytes))
+
+    async def load_from_path(self, adapter_id: str, directory: Path) -> AdapterInfo:
+        """vLLM's load_lora_adapter: a server-side directory (already checked against the allowed roots)."""
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise ApiError(422, "invalid_upload", f"{directory} has no {name}", {"path": str(directory)})
+        return await self._create(adapter_id, lambda: asyncio.to_thread(
+            self.store.stage_directory, directory, self.settings.max_upload_bytes))
 
     async def merge(self, body: MergeRequest) -> AdapterInfo:
         """A replica merges the sources' stored versions into a staging directory; committed like an upload."""
@@ -384,6 +394,18 @@ def build_ingress_app(ingress: Ingress) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, svc: Svc):
         """Chat completion (the tokenizer's chat template, or a plain default), on a replica."""
         return await svc.openai("chat", body, request)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, dependencies=admin, tags=["vllm"])
+    async def load_lora_adapter(body: LoadLoraRequest, svc: Svc) -> str:
+        """Load an adapter from a directory under an allowed root (vLLM's request and reply)."""
+        await svc.load_from_path(body.lora_name, allowed_lora_path(svc, body.lora_path))
+        return loaded_message(body.lora_name)
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, dependencies=admin, tags=["vllm"])
+    async def unload_lora_adapter(body: UnloadLoraRequest, svc: Svc) -> str:
+        """Delete an adapter, exactly as `DELETE /adapters/{id}`."""
+        await svc.delete(body.lora_name)
+        return unloaded_message(body.lora_name)
 
     @app.get("/metrics", tags=["metrics"])
     async def metrics(svc: Svc) -> Response:

@@ -44,10 +44,11 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
 class Cluster:
     """The running application: an HTTP client, the arm file of the replica failpoint, the store."""
 
-    def __init__(self, url: str, arm_file: Path, store: Path) -> None:
+    def __init__(self, url: str, arm_file: Path, store: Path, lora_root: Path) -> None:
         self.client = httpx.Client(base_url=url, timeout=120)
         self.arm_file = arm_file
         self.store = store
+        self.lora_root = lora_root  # the allowed root of vLLM's load_lora_adapter
 
     def replicas(self) -> dict[str, list[str]]:
         """Live replicas and the model ids resident on each (as reported to the cluster state)."""
@@ -92,10 +93,10 @@ def cluster(model_dir, tmp_path_factory) -> Iterator[Cluster]:
     settings = Settings(model=str(model_dir), store=work / "store", host="127.0.0.1", port=_free_port(),
                         device="cpu", num_replicas=NUM_REPLICAS, max_adapters_per_replica=PER_REPLICA,
                         replica_num_cpus=1, replica_lease_s=LEASE_S, max_batch_size=2, max_waiting_requests=4,
-                        max_upload_bytes=8 * 1024 * 1024)
+                        max_upload_bytes=8 * 1024 * 1024, lora_roots=[work / "lora-root"])
     url = run(settings, block=False)
     try:
-        yield Cluster(url, arm_file, settings.store)
+        yield Cluster(url, arm_file, settings.store, work / "lora-root")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import threading
 import zipfile
@@ -130,6 +131,21 @@ def test_download_is_the_uploaded_peft_files(cluster, oracle) -> None:
     assert c.delete("/adapters/dl").status_code == 200
     r = c.get("/adapters/dl/download")
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+
+
+def test_vllm_load_and_unload_from_an_allowed_root(cluster, oracle) -> None:
+    c = cluster.client
+    shutil.copytree(oracle.adapters["a6"], cluster.lora_root / "a6")
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": str(cluster.lora_root / "a6")})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'vl' added successfully."
+    expected = oracle.tokens("a6", PROMPT, TOKENS)
+    for _ in range(NUM_REPLICAS):
+        assert gen(c, "vl").json()["token_ids"] == expected
+    outside = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(oracle.adapters["a5"])})
+    assert outside.status_code == 403 and outside.json()["error"]["code"] == "path_not_allowed"
+    r = c.post("/v1/unload_lora_adapter", json={"lora_name": "vl"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'vl' removed successfully."
+    assert c.get("/adapters/vl").status_code == 404 and gen(c, "vl").status_code == 404
 
 
 def test_merge_on_a_replica_matches_peft(cluster, oracle) -> None:
