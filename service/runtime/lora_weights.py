@@ -41,9 +41,6 @@ class LoraWeights(ModuleAdapter):
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.A, self.B, self.bias, self.magnitude, self.dora_scale) if t is not None]
 
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self.tensors())
-
     def adapt_output(self, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":
             return apply_embedding(self, base, x, y)
