@@ -31,7 +31,7 @@ POINTS = (
     "commit.after_rename",    # directory published in the store, not yet registered or answered
     "merge.written",          # merge result written to a temporary directory in .staging/
     "active.temp_written",    # new active.json written to .staging/, not yet renamed over the old one
-    "delete.detached",        # adapter freed from model memory, its files still in the store
+    "delete.drained",         # adapter hidden and its requests finished; store and model memory unchanged
     "delete.in_trash",        # adapter directory renamed into .trash/, not yet removed
 )
 

@@ -31,8 +31,9 @@ from typing import Any, BinaryIO
 
 from service.failpoints import failpoint
 from service.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from service.store_errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, StoreError
 from service.store_upload import ACCEPTED_NAMES, file_digest, receive_upload
+
+from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, StoreError
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.failpoints import failpoint
-from service.store_errors import InvalidUploadError, UploadTooLargeError
 
+from .errors import InvalidUploadError, UploadTooLargeError
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 ACCEPTED_NAMES = (CONFIG_FILE, WEIGHTS_FILE)

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from service.store import AdapterStore, CorruptEntry, new_adapter_id, validate_adapter_id
-from service.store_errors import (
+from service.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterIdError,
     InvalidUploadError,
-    StoreError,
+    ServiceError,
     UploadTooLargeError,
 )
+from service.store import AdapterStore, CorruptEntry, new_adapter_id, validate_adapter_id
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}).encode()
 SUMMARY = {
@@ -170,7 +170,7 @@ PICKLED = {"adapter_config.json": CONFIG, "x/adapter_model.bin": b"pickle"}
 SPLIT = {"a/adapter_config.json": CONFIG, "b/adapter_model.safetensors": weights(1)}
 # case id -> (upload, expected error, substring of its message); uploads are capped at MAX bytes except
 # "too-large", which is capped at 100.
-REJECTED: dict[str, tuple[Callable[[], list], type[StoreError], str]] = {
+REJECTED: dict[str, tuple[Callable[[], list], type[ServiceError], str]] = {
     "too-large": (lambda: two_files(1), UploadTooLargeError, "exceeds"),
     "wrong-name": (
         lambda: upload("weights.safetensors", b"x"),
@@ -224,7 +224,7 @@ REJECTED: dict[str, tuple[Callable[[], list], type[StoreError], str]] = {
 
 @pytest.mark.parametrize(("files", "error", "needle"), REJECTED.values(), ids=REJECTED.keys())
 def test_rejected_upload_leaves_store_unchanged(
-    store: AdapterStore, files: Callable[[], list], error: type[StoreError], needle: str
+    store: AdapterStore, files: Callable[[], list], error: type[ServiceError], needle: str
 ) -> None:
     before = tree(store.root)
     max_bytes = 100 if needle == "exceeds" else MAX
@@ -238,14 +238,16 @@ def test_rejected_upload_leaves_store_unchanged(
 
 
 def test_error_codes_and_statuses() -> None:
-    assert (AdapterNotFoundError("x").status, AdapterNotFoundError("x").code) == (404, "adapter_not_found")
-    assert (AdapterExistsError("x").status, AdapterExistsError("x").code) == (409, "adapter_exists")
-    assert (UploadTooLargeError(1).status, UploadTooLargeError(1).code) == (413, "upload_too_large")
-    assert (InvalidUploadError("m").status, InvalidUploadError("m").code) == (422, "invalid_upload")
-    assert (
-        InvalidAdapterIdError("x", "r").status == 422
-        and InvalidAdapterIdError("x", "r").details["adapter_id"] == "x"
-    )
+    from service.api.errors import status_of
+
+    for error, code, status in [
+        (AdapterNotFoundError("x"), "adapter_not_found", 404), (AdapterExistsError("x"), "adapter_exists", 409),
+        (UploadTooLargeError(1), "upload_too_large", 413), (InvalidUploadError("m"), "invalid_upload", 422),
+        (InvalidAdapterIdError("x", "r"), "invalid_adapter_id", 422),
+    ]:
+        assert (error.code, status_of(error.code)) == (code, status)
+        assert not hasattr(error, "status"), "the core carries no HTTP status"
+    assert InvalidAdapterIdError("x", "r").details["adapter_id"] == "x"
 
 
 def test_wrong_name_lists_accepted_names(store: AdapterStore) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from .errors import ApiError
+from ..errors import ForbiddenError, UnauthorizedError
 
 SCOPES = ("admin", "inference")
 
@@ -63,10 +63,9 @@ def require(scope: str) -> Callable[[Request], None]:
         presented = header[7:].strip() if header.lower().startswith("bearer ") else ""
         granted = keys.scope_of(presented) if presented else None
         if granted is None:
-            raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise UnauthorizedError("a valid API key is required (Authorization: Bearer <key>)")
         if granted != "admin" and granted != scope:
-            raise ApiError(403, "forbidden", f"this API key has scope '{granted}'; this endpoint needs '{scope}'",
-                           {"needed": scope, "granted": granted})
+            raise ForbiddenError(f"this API key has scope '{granted}'; this endpoint needs '{scope}'",
+                                 {"needed": scope, "granted": granted})
 
     return check

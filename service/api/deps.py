@@ -1,30 +1,22 @@
-"""Dependency aliases: handlers receive the service objects the lifespan created."""
+"""Dependency aliases: handlers receive the application service (local or Ray) and the settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..adapter_manager import AdapterManager
-from ..engine import Engine
-from ..metrics import ServiceMetrics
-from ..model_loading import BaseModel
+from ..app import AdapterService
 from ..settings import Settings
 
 
-@dataclass
-class ServiceState:
-    settings: Settings
-    base: BaseModel
-    engine: Engine
-    adapters: AdapterManager
-    metrics: ServiceMetrics
-
-
-def get_state(request: Request) -> ServiceState:
+def get_service(request: Request) -> AdapterService:
     return request.app.state.service
 
 
-State = Annotated[ServiceState, Depends(get_state)]
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+Svc = Annotated[AdapterService, Depends(get_service)]
+Config = Annotated[Settings, Depends(get_settings)]

@@ -1,4 +1,7 @@
-"""Every error leaves the API as `{"error": {"code", "message", "details"}}` with the right status."""
+"""The only place where errors become HTTP: the code -> status table, and `{"error": {...}}` bodies.
+
+Every error leaves the API as `{"error": {"code", "message", "details"}}` with the status of its code.
+"""
 
 from __future__ import annotations
 
@@ -10,39 +13,65 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..runtime import AdapterError
-from ..store_errors import StoreError
+from ..errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-_RUNTIME_STATUS = {
+STATUS_BY_CODE: dict[str, int] = {
+    # adapters
     "adapter_not_found": 404,
     "adapter_exists": 409,
+    "adapter_limit_reached": 409,
+    "invalid_adapter_id": 422,
     "invalid_adapter": 422,
     "mixed_batch_unsupported": 422,
     "not_mergeable": 422,
+    "invalid_merge": 422,
+    "incompatible_sources": 422,
+    # uploads and the store
+    "upload_too_large": 413,
+    "body_too_large": 413,
+    "invalid_upload": 422,
+    "insufficient_storage": 507,
+    "store_error": 500,
+    "store_locked": 503,
+    # server paths
+    "path_loading_disabled": 403,
+    "path_not_allowed": 403,
+    "path_not_found": 404,
+    "invalid_path": 422,
+    # requests
+    "invalid_request": 422,
+    "empty_prompt": 422,
+    "prompt_too_long": 422,
+    "invalid_token_id": 422,
+    "max_new_tokens_too_large": 422,
+    "overloaded": 429,
+    "timeout": 504,
+    "generation_failed": 500,
+    "replica_unavailable": 503,
+    "unauthorized": 401,
+    "forbidden": 403,
+}
+_HEADERS_BY_CODE: dict[str, dict[str, str]] = {
+    "overloaded": {"Retry-After": "1"},
+    "replica_unavailable": {"Retry-After": "1"},
+    "unauthorized": {"WWW-Authenticate": "Bearer"},
 }
 
 
-def runtime_error_status(code: str) -> int:
-    """HTTP status of a runtime error code (AdapterError.code)."""
-    return _RUNTIME_STATUS.get(code, 400)
-
-
-class ApiError(Exception):
-    """An error raised by the service layer with its HTTP status."""
-
-    def __init__(
-        self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details or {}
-        self.headers = headers
+def status_of(code: str) -> int:
+    """HTTP status of an error code; an unlisted code of a client-facing error is a 400."""
+    return STATUS_BY_CODE.get(code, 400)
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status_of(exc.code),
+                        headers=_HEADERS_BY_CODE.get(exc.code))
 
 
 def _json(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
@@ -50,17 +79,9 @@ def _json(status: int, code: str, message: str, details: Any = None, headers=Non
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _json(exc.status, exc.code, exc.message, exc.details, headers=exc.headers)
-
-    @app.exception_handler(AdapterError)
-    async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
-        return _json(runtime_error_status(exc.code), exc.code, exc.message, exc.details)
-
-    @app.exception_handler(StoreError)
-    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return _json(exc.status, exc.code, str(exc), exc.details)
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

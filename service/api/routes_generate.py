@@ -2,54 +2,54 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
-from ..engine import GenerationRequest, GenerationResult, SamplingParams
+from ..app import BASE, GenerationEvent, GenerationInput
+from ..engine import GenerationResult, SamplingParams
 from .auth import require
-from .deps import State
-from .errors import ApiError, error_body
-from .generation import ClosingStreamingResponse, generate_events, generate_result
+from .deps import Svc
 from .schemas import GenerateRequest, GenerateResponse, Usage
+from .streaming import error_event, served_by_header, sse_event, sse_response
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require("inference"))])
 
 
-def generate_response(result: GenerationResult, adapter_id: str | None) -> GenerateResponse:
+def generate_response(result: GenerationResult, label: str) -> GenerateResponse:
     return GenerateResponse(
         text=result.text,
         token_ids=result.token_ids,
-        adapter_id=adapter_id or "base",
+        adapter_id=label,
         finish_reason=result.finish_reason,
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
     )
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, state: State):
+async def generate(body: GenerateRequest, request: Request, response: Response, service: Svc):
     """Generate a completion; concurrent requests (any adapters) share the running batch.
 
     With `"stream": true` the response is server-sent events: one `{"token_id", "text"}` event per token,
-    then a final event with `finish_reason` and `usage`.
+    then a final event with `finish_reason` and `usage` (or an `error` event if the generation fails).
     """
-    adapter_id = state.adapters.resolve(body.adapter_id)
-    request.state.adapter_id = adapter_id or "base"
+    request.state.adapter_id = body.adapter_id or ""  # what was asked for, in the access log even on a 404
     params = SamplingParams(
         max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
     )
-    generation = GenerationRequest(state.base.tokenizer(body.prompt)["input_ids"], adapter_id, params)
+    generation = await service.generate(GenerationInput(params, adapter=body.adapter_id, prompt=body.prompt))
+    label = generation.adapter_id or BASE
+    request.state.adapter_id = label
+    headers = served_by_header(generation)
     if not body.stream:
-        return generate_response(await generate_result(state, generation), adapter_id)
-    events = await generate_events(state, generation)
-    return ClosingStreamingResponse(sse_stream(events, adapter_id), media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache"})
+        response.headers.update(headers)
+        return generate_response(await generation.result(), label)
+    return sse_response(generate_sse(generation.events, label), headers)
 
 
-async def sse_stream(events: AsyncIterator, label: str) -> AsyncIterator[bytes]:
-    """The server-sent events of one streamed completion: a token per event, then the final summary."""
+async def generate_sse(events: AsyncIterator[GenerationEvent], label: str) -> AsyncIterator[bytes]:
+    """The events of one streamed completion: a token per event, then the final summary or an error."""
     try:
         async for event in events:
             if isinstance(event, GenerationResult):
@@ -58,11 +58,7 @@ async def sse_stream(events: AsyncIterator, label: str) -> AsyncIterator[bytes]:
                                  "text": final.text, "adapter_id": final.adapter_id})
             else:
                 yield sse_event({"token_id": event.token_id, "text": event.text})
-    except ApiError as exc:  # headers are gone: the error becomes the last event
-        yield sse_event(error_body(exc.code, exc.message, exc.details))
+    except Exception as exc:  # headers are gone: the error becomes the last event
+        yield error_event(exc)
     finally:
-        await events.aclose()
-
-
-def sse_event(data: dict) -> bytes:
-    return f"data: {json.dumps(data)}\n\n".encode()
+        await events.aclose()  # type: ignore[attr-defined]

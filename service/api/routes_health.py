@@ -4,24 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from .deps import State
+from .deps import Svc
 from .schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=HealthResponse)
-async def health(state: State) -> HealthResponse:
+@router.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
+async def health(service: Svc) -> HealthResponse:
     """Model, device, active adapter and adapter memory."""
-    records = state.adapters.visible()
+    state = await service.health()
+    local = {"requests_running": state.requests_running, "requests_waiting": state.requests_waiting}
     return HealthResponse(
-        status="ok",
-        model=state.base.name,
-        device=str(state.base.device),
-        active_adapter=state.adapters.active,
-        adapters=len(records),
-        adapter_bytes=sum(r.resident_bytes for r in records),
-        requests_running=state.engine.running_requests,
-        requests_waiting=state.engine.waiting_requests,
-        adapters_resident=state.adapters.resident_count,
+        status=state.status, model=state.model, device=state.device, active_adapter=state.active_adapter,
+        adapters=state.adapters, adapter_bytes=state.adapter_bytes, adapters_resident=state.adapters_resident,
+        **{k: v for k, v in local.items() if v is not None}, **state.extra,
     )

@@ -72,9 +72,10 @@ class HealthResponse(BaseModel):
     active_adapter: str | None
     adapters: int
     adapter_bytes: int
-    requests_running: int
-    requests_waiting: int
     adapters_resident: int
+    requests_running: int | None = Field(default=None, description="single process only")
+    requests_waiting: int | None = Field(default=None, description="single process only")
+    replicas: list[dict] | None = Field(default=None, description="Ray Serve only: live replicas and what each holds")
 
 
 class MergeSource(BaseModel):

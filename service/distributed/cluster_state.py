@@ -77,6 +77,7 @@ class ClusterState:
         self.entries: dict[str, dict[str, Any]] = {}  # adapter id -> info (with "version")
         self.reserved: set[str] = set()  # ids with an upload in progress
         self.deleting: set[str] = set()
+        self.was_active: dict[str, bool] = {}  # adapter being deleted -> it was active (fused or not)
         self.active: str | None = None
         self.fused = False  # the active adapter runs on merged weights on every replica that holds it
         self.epoch = 0
@@ -170,6 +171,7 @@ class ClusterState:
             return None
         self.deleting.add(adapter_id)
         if self.active == adapter_id:
+            self.was_active[adapter_id] = self.fused
             self.active, self.fused = None, False
         async with self._changed:
             self.epoch += 1
@@ -196,11 +198,16 @@ class ClusterState:
     def finish_delete(self, adapter_id: str) -> None:
         """The files are gone from the store: forget the adapter (its id may be uploaded again)."""
         self.deleting.discard(adapter_id)
+        self.was_active.pop(adapter_id, None)
         self.entries.pop(adapter_id, None)
 
     def abort_delete(self, adapter_id: str) -> None:
-        """The store refused the delete: the adapter stays (replicas reload it on demand)."""
+        """The store refused the delete: the adapter stays, active again if it was (replicas reload it on
+        demand)."""
         self.deleting.discard(adapter_id)
+        if adapter_id in self.was_active and self.active is None:
+            self.active, self.fused = adapter_id, self.was_active[adapter_id]
+        self.was_active.pop(adapter_id, None)
 
     # ---- replicas ----------------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ replica that already holds it when one does, and each replica keeps at most `max
 resident (least recently used evicted and freed). A background task follows the cluster state and frees
 deleted adapters, acknowledging each delete.
 
-Replies are plain dicts (`{"status", "body", "replica"}`), never exceptions: an error keeps its status code
-and JSON body across the Ray boundary.
+Replies are plain dicts, never exceptions: an error crosses the Ray boundary as `{"error": {code, message,
+details}}` and the ingress raises it again as the same typed error (service/errors.py).
 """
 
 from __future__ import annotations
@@ -20,22 +20,17 @@ from typing import Any
 
 from ray import serve
 
-from ..adapter_manager import merge_adapters
-from ..api.deps import ServiceState
-from ..api.errors import ApiError, error_body, runtime_error_status
-from ..api.generation import generate_events, generate_result
-from ..api.routes_generate import generate_response, sse_stream
-from ..api.routes_openai import run_chat_completion, run_completion
-from ..api.schemas import GenerateRequest
-from ..api.schemas_openai import ChatCompletionRequest, CompletionRequest
-from ..engine import Engine, GenerationRequest, SamplingParams
+from ..app.admission import Admission
+from ..app.interface import GenerationInput
+from ..engine import Engine, GenerationRequest, GenerationResult
+from ..errors import AdapterNotFoundError, ServiceError
 from ..failpoints import failpoint
-from ..merging import MergeSpec
+from ..merging import MergeSpec, merge
 from ..merging.adapter_files import write_peft_adapter
 from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
 from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
-from ..runtime import AdapterError, AdapterRuntime
+from ..runtime import AdapterRuntime
 from ..runtime.adapter_types.base import NotMergeableError
 from ..settings import Settings
 from .cluster_state import split_model_id, state_actor
@@ -47,8 +42,19 @@ log = logging.getLogger(__name__)
 _MULTIPLEXER_ATTR = "__serve_multiplex_wrapper"  # where serve.multiplexed keeps its LRU (ray/serve/api.py)
 
 
-def reply(status: int, body: Any, replica: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"status": status, "body": body, "replica": replica, "headers": headers or {}}
+def error_reply(exc: ServiceError) -> dict[str, Any]:
+    """A typed error as a reply; the runtime names adapters by model id, users know the adapter id."""
+    wire = exc.to_wire()
+    if isinstance(wire["details"].get("adapter_id"), str):
+        wire["details"] = {**wire["details"], "adapter_id": split_model_id(wire["details"]["adapter_id"])[0]}
+    return {"error": wire}
+
+
+def event_to_wire(event: Any) -> dict[str, Any]:
+    if isinstance(event, GenerationResult):
+        return {"result": {"token_ids": event.token_ids, "text": event.text, "finish_reason": event.finish_reason,
+                           "prompt_tokens": event.prompt_tokens}}
+    return {"token_id": event.token_id, "text": event.text}
 
 
 class AdapterReplica:
@@ -56,14 +62,14 @@ class AdapterReplica:
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
-        base = load_base_model(self.settings)
-        runtime = AdapterRuntime(base.model, max_rank=self.settings.max_adapter_rank)
-        engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=self.settings.max_batch_size,
-                        max_waiting=self.settings.max_waiting_requests,
-                        prefill_token_budget=self.settings.prefill_token_budget)
-        engine.start()
-        self.adapters = ResidentAdapters(engine)
-        self.service = ServiceState(self.settings, base, engine, self.adapters, ServiceMetrics())  # type: ignore[arg-type]
+        self.base = load_base_model(self.settings)
+        runtime = AdapterRuntime(self.base.model, max_rank=self.settings.max_adapter_rank)
+        self.engine = Engine(self.base.model, self.base.tokenizer, runtime, max_batch_size=self.settings.max_batch_size,
+                             max_waiting=self.settings.max_waiting_requests,
+                             prefill_token_budget=self.settings.prefill_token_budget)
+        self.engine.start()
+        self.adapters = ResidentAdapters(self.engine)
+        self.admission = Admission(self.engine, self.adapters, self.settings, ServiceMetrics())
         self.source = SharedDirectorySource(self.settings.store)
         self.state = state_actor(self.settings.store, self.settings.max_adapters, self.settings.replica_lease_s)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -75,7 +81,7 @@ class AdapterReplica:
         self._load_fn = load
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_adapters_per_replica)(load)
         self._follower = asyncio.get_running_loop().create_task(self._follow_state())
-        log.info("replica %s ready (model %s)", self.replica_id, base.name)
+        log.info("replica %s ready (model %s)", self.replica_id, self.base.name)
 
     # ---- loading -----------------------------------------------------------------------------------------
 
@@ -87,23 +93,27 @@ class AdapterReplica:
             # waits for this load and frees the result.
             entry = await self.state.lookup.remote(adapter_id)
             if entry is None or entry["version"] != version:
-                raise ApiError(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist",
-                               {"adapter_id": adapter_id})
+                raise AdapterNotFoundError(adapter_id)
             path = await self._fetch(model_id)
-            prepared = await asyncio.to_thread(self.service.engine.runtime.prepare, model_id, path)
+            prepared = await asyncio.to_thread(self.engine.runtime.prepare, model_id, path)
             failpoint("replica.loading")
             record = await self.adapters.attach(prepared)
             log.info("replica %s loaded adapter %s", self.replica_id, model_id)
             return record
 
     async def _fetch(self, model_id: str) -> Path:
-        """The directory of one adapter version in the shared store; 404 if the store holds another."""
+        """The directory of one adapter version in the shared store; not found if the store holds another."""
         adapter_id, version = split_model_id(model_id)
         try:
             stored = await asyncio.to_thread(self.source.fetch, adapter_id, version)
-        except StaleAdapterError as exc:
-            raise ApiError(404, "adapter_not_found", str(exc), {"adapter_id": adapter_id}) from None
+        except StaleAdapterError:
+            raise AdapterNotFoundError(adapter_id) from None
         return stored.path
+
+    async def _prepared(self, model_id: str):
+        """A fresh copy of an adapter version's tensors from the store (not attached)."""
+        return await asyncio.to_thread(self.engine.runtime.prepare, split_model_id(model_id)[0],
+                                       await self._fetch(model_id))
 
     def _forget(self, model_id: str) -> None:
         """Drop a freed model id from Serve's LRU (private structure: guarded, so a change only costs a slot)."""
@@ -139,7 +149,7 @@ class AdapterReplica:
     async def _runtime_adapters(self) -> list[str]:
         """What the runtime itself holds (read on the engine thread): the residency this replica reports, so
         /health shows memory as it is, not as the bookkeeping believes it to be."""
-        return await self.service.engine.call(lambda rt: sorted(rt.adapters))
+        return await self.engine.call(lambda rt: sorted(rt.adapters))
 
     async def _free_dropped(self, drops: asyncio.Queue) -> None:
         while True:
@@ -161,7 +171,7 @@ class AdapterReplica:
 
         Fusing changes speed, never outputs: a fused adapter's rows run on merged copies of its modules,
         everything else on the unchanged base weights (see runtime.fuse)."""
-        runtime = self.service.engine.runtime
+        runtime = self.engine.runtime
         if runtime.fused == (fused if fused in runtime.adapters else None):  # the usual case: nothing to do
             return
 
@@ -171,143 +181,84 @@ class AdapterReplica:
             else:
                 rt.unfuse()
 
-        await self.service.engine.call(follow)
+        await self.engine.call(follow)
 
-    async def _request(self, body: dict[str, Any], fused: str | None) -> tuple[GenerationRequest, str]:
-        """The engine request for a /generate body, its adapter loaded; (request, adapter id as reported)."""
-        parsed = GenerateRequest(**body)
-        model_id = serve.get_multiplexed_model_id()
-        if model_id:
-            await self._get_adapter(model_id)
-        await self._follow_fused(fused)
-        params = SamplingParams(
-            max_new_tokens=parsed.max_new_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
-            top_k=parsed.top_k, seed=parsed.seed, stop=tuple(parsed.stop), ignore_eos=parsed.ignore_eos,
-        )
-        prompt_ids = self.service.base.tokenizer(parsed.prompt)["input_ids"]
-        label = split_model_id(model_id)[0] if model_id else "base"
-        return GenerationRequest(prompt_ids, model_id or None, params), label
-
-    def _error(self, exc: Exception) -> dict[str, Any]:
-        if isinstance(exc, ApiError):
-            return reply(exc.status, error_body(exc.code, exc.message, exc.details), self.replica_id, exc.headers)
-        if isinstance(exc, AdapterError):
-            details = dict(exc.details)
-            if isinstance(details.get("adapter_id"), str):  # the runtime knows the model id; users know the id
-                details["adapter_id"] = split_model_id(details["adapter_id"])[0]
-            return reply(runtime_error_status(exc.code), error_body(exc.code, exc.message, details),
-                         self.replica_id)
-        raise exc
-
-    async def generate(self, body: dict[str, Any], fused: str | None = None) -> dict[str, Any]:
-        """One completion: reply with the /generate JSON body (`fused`: the cluster's fused model id)."""
+    async def generate_stream(self, wire: dict[str, Any], fused: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """One generation (any front door: /generate, /v1/*): first a head (`{"replica"}` or `{"error"}`),
+        then its events as dicts, ending with the result or an error."""
+        request = GenerationInput.from_wire(wire)
+        model_id = serve.get_multiplexed_model_id() or None
         try:
-            request, label = await self._request(body, fused)
-            result = await generate_result(self.service, request)
-        except (ApiError, AdapterError) as exc:
-            return self._error(exc)
-        return reply(200, generate_response(result, label).model_dump(), self.replica_id)
-
-    async def generate_stream(self, body: dict[str, Any],
-                              fused: str | None = None) -> AsyncIterator[dict[str, Any] | bytes]:
-        """A streamed completion: first a reply (its status decides the HTTP answer), then SSE chunks."""
-        try:
-            request, label = await self._request(body, fused)
-            events = await generate_events(self.service, request)
-        except (ApiError, AdapterError) as exc:
-            yield self._error(exc)
+            if model_id:
+                await self._get_adapter(model_id)
+            await self._follow_fused(fused)
+            ids = await self.admission.tokenize(request)
+            events = await self.admission.start(GenerationRequest(ids, model_id, request.params),
+                                                request.adapter or "base")
+        except ServiceError as exc:
+            yield error_reply(exc)
             return
-        yield reply(200, None, self.replica_id)
-        async for chunk in sse_stream(events, label):
-            yield chunk
-
-    async def _openai(self, kind: str, body: dict[str, Any], fused: str | None) -> Any:
-        """Run serve's /v1 handler body on this replica (the adapter: the request's multiplexed model id)."""
-        model_id = serve.get_multiplexed_model_id()
-        if model_id:
-            await self._get_adapter(model_id)
-        await self._follow_fused(fused)
-        if kind == "chat":
-            return await run_chat_completion(self.service, ChatCompletionRequest(**body), model_id or None)
-        return await run_completion(self.service, CompletionRequest(**body), model_id or None)
-
-    async def openai(self, kind: str, body: dict[str, Any], fused: str | None = None) -> dict[str, Any]:
-        """A /v1/completions (`kind` "completion") or /v1/chat/completions ("chat") JSON answer."""
+        yield {"replica": self.replica_id}
         try:
-            return reply(200, await self._openai(kind, body, fused), self.replica_id)
-        except (ApiError, AdapterError) as exc:
-            return self._error(exc)
-
-    async def openai_stream(self, kind: str, body: dict[str, Any],
-                            fused: str | None = None) -> AsyncIterator[dict[str, Any] | bytes]:
-        """The streamed variant: first a reply (its status decides the HTTP answer), then OpenAI's SSE chunks."""
-        try:
-            response = await self._openai(kind, body, fused)
-        except (ApiError, AdapterError) as exc:
-            yield self._error(exc)
-            return
-        yield reply(200, None, self.replica_id)
-        chunks = response.body_iterator
-        try:
-            async for chunk in chunks:
-                yield chunk
+            async for event in events:
+                yield event_to_wire(event)
+        except ServiceError as exc:
+            yield error_reply(exc)
+        except Exception as exc:  # the engine failed this request: the stream still ends with an error
+            yield {"error": {"code": "generation_failed", "message": f"{type(exc).__name__}: {exc}", "details": {}}}
         finally:
-            await chunks.aclose()  # frees the batch row when the client went away
+            await events.aclose()  # frees the batch row when the client went away
 
     # ---- admin -------------------------------------------------------------------------------------------
 
     async def validate(self, adapter_id: str, staged: str) -> dict[str, Any]:
         """Check staged upload files against the model (nothing is attached); the summary to store."""
         try:
-            prepared = await asyncio.to_thread(self.service.engine.runtime.prepare, adapter_id, Path(staged))
-        except AdapterError as exc:
-            return self._error(exc)
+            prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, Path(staged))
+        except ServiceError as exc:
+            return error_reply(exc)
         summary = {**prepared.config.summary(), "rank": prepared.rank}
-        return reply(200, {"summary": summary, "resident_bytes": prepared.resident_bytes}, self.replica_id)
+        return {"summary": summary, "resident_bytes": prepared.resident_bytes, "replica": self.replica_id}
 
     async def merge(self, sources: list[str], spec: MergeSpec, directory: str) -> dict[str, Any]:
         """Merge adapter versions (model ids, in order) read from the shared store and write the result's PEFT
         files into `directory` (the ingress's staging area); the ingress validates and commits them."""
-        runtime = self.service.engine.runtime
+        runtime = self.engine.runtime
         try:
-            loaded = [await asyncio.to_thread(runtime.prepare, model_id, await self._fetch(model_id))
-                      for model_id in sources]
-            merged = await asyncio.to_thread(merge_adapters, loaded, spec, runtime.index.modules)
-        except (ApiError, AdapterError) as exc:
-            return self._error(exc)
+            loaded = [await self._prepared(name) for name in sources]
+            merged = await asyncio.to_thread(merge, loaded, spec, runtime.index.modules)
+        except ServiceError as exc:
+            return error_reply(exc)
         await asyncio.to_thread(write_peft_adapter, merged, Path(directory))
-        return reply(200, None, self.replica_id)
+        return {"replica": self.replica_id}
 
     async def export_stream(self, model_id: str) -> AsyncIterator[dict[str, Any] | bytes]:
-        """The tar of the base model with this adapter version merged in (as serve's export): first a reply
-        (its status decides the HTTP answer, e.g. 422 not_mergeable), then the tar's chunks."""
+        """The tar of the base model with this adapter version merged in: first a head (an error, e.g.
+        not_mergeable, or `{"replica"}`), then the tar's chunks."""
         adapter_id = split_model_id(model_id)[0]
-        runtime = self.service.engine.runtime
+        runtime = self.engine.runtime
         try:
-            loaded = await asyncio.to_thread(runtime.prepare, adapter_id, await self._fetch(model_id))
-            checkpoint = MergedCheckpoint(runtime.model, runtime.index, loaded)
-        except (ApiError, AdapterError) as exc:
-            yield self._error(exc)
+            checkpoint = MergedCheckpoint(runtime.model, runtime.index, await self._prepared(model_id))
+        except ServiceError as exc:
+            yield error_reply(exc)
             return
-        yield reply(200, None, self.replica_id)
-        chunks = stream_checkpoint_tar(checkpoint, self.service.base.tokenizer, f"{adapter_id}-merged")
+        yield {"replica": self.replica_id}
+        chunks = stream_checkpoint_tar(checkpoint, self.base.tokenizer, f"{adapter_id}-merged")
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:  # tensors copied off the loop
             yield chunk
 
     async def check_fusable(self, model_id: str) -> dict[str, Any]:
-        """Whether this adapter version can be fused (before a fused activation): 422 not_mergeable if not."""
+        """Whether this adapter version can be fused (before a fused activation): not_mergeable if not."""
         adapter_id = split_model_id(model_id)[0]
         try:
-            loaded = await asyncio.to_thread(self.service.engine.runtime.prepare, adapter_id,
-                                             await self._fetch(model_id))
-            blocker = loaded.merge_blocker()
+            blocker = (await self._prepared(model_id)).merge_blocker()
             if blocker is not None:
                 raise NotMergeableError(f"adapter '{adapter_id}' cannot be fused: {blocker}",
                                         {"adapter_id": adapter_id})
-        except (ApiError, AdapterError) as exc:
-            return self._error(exc)
-        return reply(200, None, self.replica_id)
+        except ServiceError as exc:
+            return error_reply(exc)
+        return {"replica": self.replica_id}
 
     def fused_adapter(self) -> tuple[str, str | None]:
         """(this replica, the model id its runtime holds fused): for tests and debugging."""
-        return self.replica_id, self.service.engine.runtime.fused
+        return self.replica_id, self.engine.runtime.fused

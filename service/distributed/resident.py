@@ -2,8 +2,8 @@
 freeing them (on LRU eviction or on a cluster-wide delete) only once their running requests have ended.
 
 Names are model ids `adapter_id@version`, used as the runtime's adapter names too, so two versions of one
-id are never confused. `ResidentAdapters` offers `serving` and `ensure_resident` like `AdapterManager`, so
-the replica runs generations through the same `service/api/generation.py` as the single-process server.
+id are never confused. `ResidentAdapters` offers `lease` and `ensure_resident` like the local residency, so
+the replica admits generations through the same `service/app/admission.py` as the single-process server.
 All of it runs on the replica's event loop thread.
 """
 
@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ..engine import Engine
-from ..runtime import AdapterNotFoundError, LoadedAdapter
+from ..errors import AdapterNotFoundError
+from ..runtime import LoadedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,10 @@ class ResidentAdapters:
         log.info("adapter %s freed (%d bytes)", name, freed)
         return freed
 
-    # ---- the part of AdapterManager's interface that service/api/generation.py uses ---------------------
+    # ---- the leases that service/app/admission.py takes --------------------------------------------------
 
     @asynccontextmanager
-    async def serving(self, name: str | None) -> AsyncIterator[None]:
+    async def lease(self, name: str | None) -> AsyncIterator[None]:
         """Marks a request in flight so that neither eviction nor delete frees its adapter under it."""
         if name is None:
             yield

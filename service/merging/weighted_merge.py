@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import IncompatibleSourcesError
 from ..peft_format import FILE_PREFIX
 from ..runtime import LoadedAdapter
 from ..runtime.lora_weights import LoraWeights
@@ -29,11 +30,11 @@ METHODS = (*LINEAR_KINDS, "cat", *SVD_KINDS)
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", *SVD_KINDS[1:])
 
 
-class MergeError(ValueError):
+class MergeError(IncompatibleSourcesError):
     """The sources cannot be combined with this method; `reasons` says why."""
 
     def __init__(self, reasons: list[str]) -> None:
-        super().__init__("; ".join(reasons))
+        super().__init__("; ".join(reasons), {"reasons": reasons})
         self.reasons = reasons
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import AdapterExistsError, AdapterNotFoundError, ServiceError
+
+__all__ = ["AdapterError", "AdapterExistsError", "AdapterNotFoundError", "AdapterValidationError", "LoadReport",
+           "MixedBatchError", "ShapeMismatch"]
+
 
 @dataclass
 class ShapeMismatch:
@@ -60,15 +65,10 @@ class LoadReport:
         return data
 
 
-class AdapterError(Exception):
+class AdapterError(ServiceError):
     """Base class of runtime errors; `code` is a stable machine-readable name."""
 
     code = "adapter_error"
-
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details or {}
 
 
 class AdapterValidationError(AdapterError):
@@ -81,20 +81,6 @@ class AdapterValidationError(AdapterError):
         head = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         super().__init__(f"adapter '{report.adapter_id}' cannot be loaded: {head}", report.to_dict())
         self.report = report
-
-
-class AdapterNotFoundError(AdapterError):
-    code = "adapter_not_found"
-
-    def __init__(self, adapter_id: str) -> None:
-        super().__init__(f"adapter '{adapter_id}' is not loaded", {"adapter_id": adapter_id})
-
-
-class AdapterExistsError(AdapterError):
-    code = "adapter_exists"
-
-    def __init__(self, adapter_id: str) -> None:
-        super().__init__(f"adapter '{adapter_id}' is already loaded", {"adapter_id": adapter_id})
 
 
 class MixedBatchError(AdapterError):

@@ -131,7 +131,7 @@ def _crashes(adapters: dict[str, Path]) -> list[Crash]:
         # Activation: the old active.json stays until the new one is renamed over it.
         Crash("active.temp_written", lambda s: s.client.put("/adapters/gamma/activate"), True, unchanged),
         # Delete: the files stay until the rename into .trash/; from then on the adapter is gone.
-        Crash("delete.detached", lambda s: s.client.delete("/adapters/gamma"), False, unchanged),
+        Crash("delete.drained", lambda s: s.client.delete("/adapters/gamma"), False, unchanged),
         Crash("delete.in_trash", lambda s: s.client.delete("/adapters/gamma"), True, remove("gamma")),
         # Deleting the active adapter: it is deactivated (and that persisted) before its files move.
         Crash("delete.in_trash", activate_then_delete_beta, True, remove("beta", was_active=True)),

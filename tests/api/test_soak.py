@@ -12,7 +12,7 @@ import pytest
 
 from bench.soak import SoakConfig, build_pool, read_rss_kib, run_soak
 from bench.soak_load import AdapterFiles, SoakBook, SoakClient, guarded, upload
-from service.api.generation import ClosingStreamingResponse
+from service.api.streaming import ClosingStreamingResponse
 
 from .conftest import upload as upload_dir
 from .server import ServerProcess

@@ -6,7 +6,7 @@ deep nesting, non-UTF-8, not JSON) and/or the weights (header length, header JSO
 byte ranges, truncation, flipped bytes, NaN/inf values, missing or extra tensors), then runs
 `AdapterRuntime.inspect` and `load`, and the store's upload path (`stage_files`, as files or in a zip).
 
-Every failure must be an `AdapterError` or a `StoreError`; anything else fails the test. After every
+Every failure must be a typed `ServiceError`; anything else fails the test. After every
 example the live model is bitwise what it was (state_dict, module tree: no wrapper left, the resident
 adapter's tensors; logits once per property), the runtime holds the same adapters, and the store's tree
 is unchanged (no staging leftovers). An example that happens to still be valid loads and is deleted again,
@@ -34,10 +34,10 @@ from oracle import input_ids, make_peft_adapter, tiny_model
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from service.errors import ServiceError, StoreError
 from service.peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
-from service.runtime import AdapterError, AdapterRuntime, AdapterValidationError
+from service.runtime import AdapterRuntime, AdapterValidationError
 from service.store import AdapterStore
-from service.store_errors import StoreError
 
 SOURCES = {
     "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"]),
@@ -341,7 +341,7 @@ def _expect_typed(call: Callable[[], object]) -> object | None:
     """Run `call`; a typed error is fine (returns None), anything else propagates and fails the example."""
     try:
         return call()
-    except (AdapterError, StoreError):
+    except ServiceError:
         return None
 
 

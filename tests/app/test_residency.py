@@ -9,9 +9,14 @@ import random
 from contextlib import ExitStack
 from pathlib import Path
 
-from service.adapter_manager import AdapterManager
-from service.engine import Engine, GenerationRequest, SamplingParams
+import torch
+
+from service.app import GenerationInput
+from service.app.local import LocalAdapterService
+from service.engine import Engine, SamplingParams
+from service.model_loading import BaseModel
 from service.runtime import AdapterRuntime
+from service.settings import Settings
 from service.store import AdapterStore
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -21,21 +26,22 @@ def _files(adapter_dir: Path, stack: ExitStack):
     return [(name, stack.enter_context((adapter_dir / name).open("rb"))) for name in FILES]
 
 
-def _manager(base, tokenizer, store_root: Path, max_resident: int) -> AdapterManager:
+def _manager(base, tokenizer, store_root: Path, max_resident: int) -> LocalAdapterService:
     model = copy.deepcopy(base)
     engine = Engine(model, tokenizer, AdapterRuntime(model), max_batch_size=4)
-    return AdapterManager(AdapterStore(store_root), engine, 1 << 30, max_resident=max_resident)
+    settings = Settings(store=store_root, max_resident_adapters=max_resident, max_upload_bytes=1 << 30)
+    base_model = BaseModel(model, tokenizer, "demo", torch.device("cpu"), torch.float32)
+    return LocalAdapterService(settings, base_model, engine, AdapterStore(store_root))
 
 
-async def _generate(manager: AdapterManager, tokenizer, adapter_id: str, prompt: str = "LRU") -> list[int]:
-    async with manager.serving(adapter_id):
-        await manager.ensure_resident(adapter_id)
-        request = GenerationRequest(tokenizer(prompt)["input_ids"], adapter_id, SamplingParams(max_new_tokens=6))
-        return (await manager.engine.generate(request)).token_ids
+async def _generate(manager: LocalAdapterService, tokenizer, adapter_id: str, prompt: str = "LRU") -> list[int]:
+    generation = await manager.generate(GenerationInput(SamplingParams(max_new_tokens=6), adapter_id, prompt=prompt))
+    return (await generation.result()).token_ids
 
 
-def _resident(manager: AdapterManager) -> set[str]:
-    assert set(manager.engine.runtime.adapters) == {r.id for r in manager.records.values() if r.loaded}
+def _resident(manager: LocalAdapterService) -> set[str]:
+    records = manager.registry.records
+    assert set(manager.engine.runtime.adapters) == {r.id for r in records.values() if r.loaded}
     return set(manager.engine.runtime.adapters)
 
 
@@ -53,13 +59,13 @@ def test_lru_eviction_step_by_step(demo_base, demo_tokenizer, demo_adapters, pef
         assert _resident(manager) == {"b", "c"}, "uploading c evicts a, the least recently used"
         assert await _generate(manager, demo_tokenizer, "a") == peft_greedy("a", "LRU", 6)
         assert _resident(manager) == {"c", "a"}, "a loads on first use and evicts b"
-        assert manager.records["a"].load_ms is not None
-        async with manager.serving("c"):  # c is in use (and the least recently used)
+        assert manager.registry.records["a"].load_ms is not None
+        async with manager.residency.lease("c"):  # c is in use (and the least recently used)
             assert await _generate(manager, demo_tokenizer, "b") == peft_greedy("b", "LRU", 6)
             assert _resident(manager) == {"c", "b"}, "c is in use, so a is evicted instead"
         assert await _generate(manager, demo_tokenizer, "c") == peft_greedy("c", "LRU", 6)
-        assert (await manager.delete("a")) == 0, "a non-resident adapter frees nothing more"
-        assert set(manager.records) == {"b", "c"}
+        assert (await manager.delete("a")).freed_bytes == 0, "a non-resident adapter frees nothing more"
+        assert set(manager.registry.records) == {"b", "c"}
 
     try:
         asyncio.run(scenario())
@@ -77,9 +83,9 @@ def test_a_thousand_registered_adapters(demo_base, demo_tokenizer, demo_adapters
         store.commit(f"adapter-{i:04d}", staged, {"peft_type": "LORA", "r": 4})
         source[f"adapter-{i:04d}"] = name
     manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=8)
-    manager.restore()
-    assert len(manager.records) == 1000 and len(_resident(manager)) == 8
-    largest = max(r.loaded.resident_bytes for r in manager.records.values() if r.loaded)
+    manager.lifecycle.restore()
+    assert len(manager.registry.records) == 1000 and len(_resident(manager)) == 8
+    largest = max(r.loaded.resident_bytes for r in manager.registry.records.values() if r.loaded)
     manager.engine.start()
     picks = random.Random(0).sample(sorted(source), 24)
 
@@ -94,5 +100,5 @@ def test_a_thousand_registered_adapters(demo_base, demo_tokenizer, demo_adapters
         manager.engine.stop()
     for adapter_id, tokens in zip(picks, results, strict=True):
         assert tokens == peft_greedy(source[adapter_id], "LRU", 6), adapter_id
-    loads = [r.load_ms for r in manager.records.values() if r.load_ms is not None]
+    loads = [r.load_ms for r in manager.registry.records.values() if r.load_ms is not None]
     assert loads and all(ms > 0 for ms in loads)

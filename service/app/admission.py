@@ -1,0 +1,116 @@
+"""Generation admission: limits, tokenizing off the event loop, the adapter's lease and residency, the engine's
+queue, the timeout, cancellation and per-adapter metrics.
+
+Shared by the single-process service and the Ray replicas, so every front door admits the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any, Protocol
+
+from ..engine import Engine, GenerationRequest, GenerationResult, QueueFullError, RequestHandle, TokenEvent
+from ..errors import GenerationTimeoutError, InvalidRequestError, OverloadedError, RequestLimitError
+from ..metrics import ServiceMetrics
+from ..settings import Settings
+from .interface import GenerationEvent, GenerationInput
+
+# Used when the tokenizer has no chat template (e.g. the demo model): role-prefixed lines.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class Leases(Protocol):
+    """Holds an adapter in use and makes it resident (the local residency, or a replica's resident set)."""
+
+    def lease(self, adapter_id: str | None) -> AbstractAsyncContextManager[Any]: ...
+
+    async def ensure_resident(self, adapter_id: str | None) -> None: ...
+
+
+def prompt_ids(tokenizer: Any, request: GenerationInput) -> list[int]:
+    """The prompt's token ids (chat messages rendered with the model's template, or a plain default)."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
+    if request.messages is not None:
+        template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+        text = tokenizer.apply_chat_template(request.messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=template is not None)["input_ids"]
+    if request.prompt is None:
+        raise InvalidRequestError("a generation needs a prompt, prompt token ids or chat messages")
+    return tokenizer(request.prompt)["input_ids"]
+
+
+class Admission:
+    def __init__(self, engine: Engine, leases: Leases, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.engine = engine
+        self.leases = leases
+        self.settings = settings
+        self.metrics = metrics
+        self.vocab_size = engine.model.config.get_text_config().vocab_size  # an adapter may wrap the embedding
+
+    async def tokenize(self, request: GenerationInput) -> list[int]:
+        return await asyncio.to_thread(prompt_ids, self.engine.tokenizer, request)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse a request over a limit before it holds anything."""
+        limits = self.settings
+        if not request.prompt_ids:
+            raise RequestLimitError("empty_prompt", "the prompt is empty")
+        if len(request.prompt_ids) > limits.max_prompt_tokens:
+            raise RequestLimitError("prompt_too_long", f"the prompt has {len(request.prompt_ids)} tokens; the limit "
+                                    f"is {limits.max_prompt_tokens}", {"max_prompt_tokens": limits.max_prompt_tokens})
+        if not all(0 <= token < self.vocab_size for token in request.prompt_ids):  # ids sent by OpenAI clients
+            raise RequestLimitError("invalid_token_id", f"prompt token ids must lie in [0, {self.vocab_size})",
+                                    {"vocab_size": self.vocab_size})
+        if request.params.max_new_tokens > limits.max_new_tokens:
+            raise RequestLimitError("max_new_tokens_too_large", f"at most {limits.max_new_tokens} new tokens per "
+                                    "request", {"max_new_tokens": limits.max_new_tokens})
+
+    async def start(self, request: GenerationRequest, label: str) -> AsyncIterator[GenerationEvent]:
+        """Token events then the result. Admission errors raise here, before any event; the row and the
+        adapter's lease are released when the returned iterator is closed."""
+        self.check(request)
+        stack = AsyncExitStack()
+        try:
+            await stack.enter_async_context(self.leases.lease(request.adapter_id))
+            await self.leases.ensure_resident(request.adapter_id)
+            try:
+                handle = self.engine.submit(request)
+            except QueueFullError as exc:
+                raise OverloadedError(exc.waiting) from None
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self._events(handle, stack, label)
+
+    async def _events(self, handle: RequestHandle, stack: AsyncExitStack, label: str) -> AsyncIterator[GenerationEvent]:
+        timeout = self.settings.request_timeout_s
+        start = time.perf_counter()
+        deadline, first = start + timeout, True
+        try:
+            iterator = aiter(handle.events())
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(iterator), max(deadline - time.perf_counter(), 0))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise GenerationTimeoutError(timeout) from None
+                if isinstance(event, TokenEvent):
+                    if first:
+                        self.metrics.ttft.labels(label).observe(time.perf_counter() - start)
+                        first = False
+                    self.metrics.tokens.labels(label).inc()
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            handle.cancel()  # no-op when finished; frees the row on disconnect, timeout or error
+            await stack.aclose()

@@ -1,0 +1,166 @@
+"""The application interface: every operation of the service, typed, with no HTTP in it.
+
+`service/api` serves any implementation of `AdapterService` through the same routers: the single-process
+`LocalAdapterService` (local.py) and the Ray Serve cluster (`service/distributed/cluster_service.py`).
+Errors are `service.errors.ServiceError`s; streams are async iterators that must be closed (`aclose`),
+which releases whatever they hold (a batch row, an adapter in use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from ..engine import GenerationResult, SamplingParams, TokenEvent
+from ..merging import MergeSpec
+from ..metrics import ServiceMetrics
+
+BASE = "base"  # the adapter name that always means the base model
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """What a client sees of one adapter."""
+
+    id: str
+    type: str
+    rank: int
+    alpha: float
+    target_modules: list[str] | str | None
+    modules_to_save: list[str]
+    resident_bytes: int
+    sha256: str
+    active: bool
+    created_at: str
+    resident: bool
+    load_ms: float | None
+
+
+@dataclass(frozen=True)
+class Listing:
+    adapters: list[AdapterView]
+    active: str | None
+
+
+@dataclass(frozen=True)
+class Activation:
+    active: str | None
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class Deletion:
+    deleted: str
+    freed_bytes: int
+
+
+@dataclass
+class GenerationInput:
+    """One generation as a client asked for it; the service tokenizes (a chat is rendered with the model's
+    template first). `adapter`: None = the active adapter, "base" = the base model, else an adapter id."""
+
+    params: SamplingParams
+    adapter: str | None = None
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> GenerationInput:
+        params = dict(data["params"])
+        params["stop"] = tuple(params.get("stop") or ())
+        return cls(**{**data, "params": SamplingParams(**params)})
+
+
+GenerationEvent = TokenEvent | GenerationResult
+
+
+@dataclass
+class Generation:
+    """An admitted generation: `adapter_id` is the adapter it runs on (None: the base model); `events` yields
+    token events then the result, and must be closed. `served_by`: the replica that runs it (Ray only)."""
+
+    adapter_id: str | None
+    events: AsyncIterator[GenerationEvent]
+    served_by: str | None = None
+
+    async def result(self) -> GenerationResult:
+        """Drain to the final result (the events are closed either way)."""
+        try:
+            async for event in self.events:
+                if isinstance(event, GenerationResult):
+                    return event
+        finally:
+            await self.events.aclose()  # type: ignore[attr-defined]
+        raise RuntimeError("the generation ended without a result")
+
+
+@dataclass
+class Health:
+    status: str
+    model: str
+    device: str
+    active_adapter: str | None
+    adapters: int
+    adapter_bytes: int
+    adapters_resident: int
+    requests_running: int | None = None
+    requests_waiting: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # deployment-specific facts (e.g. Ray replicas)
+
+
+class AdapterService(Protocol):
+    """Every operation the HTTP API offers."""
+
+    model_name: str  # the served base model's name (OpenAI's `model` for no adapter)
+    metrics: ServiceMetrics
+
+    async def upload(self, files: list[tuple[str, BinaryIO]], adapter_id: str | None) -> AdapterView:
+        """Validate, load and store an adapter from uploaded files (two PEFT files or one archive)."""
+        ...
+
+    async def load_from_path(self, adapter_id: str, path: str) -> AdapterView:
+        """The same as an upload, from a directory under an operator-allowed root."""
+        ...
+
+    async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:
+        """A new stored adapter combining `sources` (adapter id, weight)."""
+        ...
+
+    async def activate(self, adapter_id: str, fuse: bool = False) -> Activation:
+        ...
+
+    async def deactivate(self) -> Activation:
+        ...
+
+    async def delete(self, adapter_id: str) -> Deletion:
+        ...
+
+    async def get(self, adapter_id: str) -> AdapterView:
+        ...
+
+    async def list(self) -> Listing:
+        ...
+
+    async def generate(self, request: GenerationInput) -> Generation:
+        """Admit a generation: admission errors (unknown adapter, limits, overload) raise here."""
+        ...
+
+    async def download(self, adapter_id: str) -> Path:
+        """A zip of the adapter's stored files in a temporary place; the caller removes it."""
+        ...
+
+    async def export(self, adapter_id: str) -> AsyncIterator[bytes]:
+        """The tar of the base model with the adapter merged in; the adapter stays in use until it is closed.
+        Errors known before the first byte (not found, not mergeable) raise here."""
+        ...
+
+    async def health(self) -> Health:
+        ...

@@ -1,0 +1,169 @@
+"""Adapter lifecycle across store, runtime and engine: create, delete, activate, restore. All or nothing.
+
+Create (upload, server path, merge): stage -> prepare (validate, build tensors off the engine thread) ->
+attach (engine thread) -> commit (one atomic rename in the store) -> register. A failure at any step undoes
+the earlier ones: nothing is left in the store, the model or the registry.
+
+Delete: hide (new requests 404) -> wait for leases -> store delete (the one step that can fail; undone by
+unhiding) -> detach from the model -> unregister. Activate/deactivate: engine switch -> store pointer; a
+store failure switches the engine back.
+
+Lock discipline: event loop thread only; `_activation` serialises activations so the engine, the store and
+`active`/`fused` agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import suppress
+
+from ..engine import Engine
+from ..failpoints import failpoint
+from ..metrics import ServiceMetrics
+from ..runtime import AdapterRuntime, LoadedAdapter
+from ..store import AdapterStore, StagedAdapter
+from .registry import AdapterRecord, AdapterRegistry
+from .residency import Residency
+from .storage_errors import storage_errors
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    def __init__(
+        self, registry: AdapterRegistry, residency: Residency, store: AdapterStore, engine: Engine,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.registry = registry
+        self.residency = residency
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self.active: str | None = None
+        self.fused = False  # the active adapter runs from merged weights (see runtime.fuse)
+        self._activation = asyncio.Lock()
+
+    # ---- start-up ----------------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Register every stored adapter; load the active one first, then the most recent up to the resident
+        limit. A corrupt or invalid entry is logged and skipped, never stopping start-up."""
+        stored, corrupt = self.store.scan()
+        for entry in corrupt:
+            log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
+        active = self.store.get_active()
+        for item in sorted(stored, key=lambda s: (s.id != active, s.created_at)):
+            record = AdapterRecord(item)
+            if self.residency.resident_count < self.residency.max_resident:
+                start = time.perf_counter()
+                try:
+                    record.loaded = self.engine.call_sync(lambda rt, item=item: rt.load(item.id, item.path))
+                except Exception as exc:  # a stored adapter that no longer fits must not stop start-up
+                    log.error("skipping stored adapter %s: %s", item.id, exc)
+                    continue
+                record.load_ms = (time.perf_counter() - start) * 1000
+            self.registry.add(record)
+        if active is not None and active in self.registry.records and self.registry.records[active].loaded:
+            fused = self.store.get_active_fused()
+            self.engine.call_sync(lambda rt: _switch(rt, active, fused))
+            self.active, self.fused = active, fused
+        elif active is not None:
+            log.error("active adapter %s is not available; serving the base model by default", active)
+        log.info("restored %d adapter(s) from %s (%d resident); active: %s", len(self.registry.records),
+                 self.store.root, self.residency.resident_count, self.active)
+
+    # ---- create ------------------------------------------------------------------------------------------
+
+    async def create(self, adapter_id: str, stage: Callable[[], StagedAdapter]) -> AdapterRecord:
+        """Stage -> prepare -> attach -> commit -> register (the id must be reserved by the caller)."""
+        staged = None
+        try:
+            with storage_errors():
+                staged = await asyncio.to_thread(stage)
+            start = time.perf_counter()
+            prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
+            record: AdapterRecord | None = None
+
+            async def commit(loaded: LoadedAdapter) -> None:
+                nonlocal record, staged
+                failpoint("upload.attached")
+                summary = {**loaded.config.summary(), "rank": loaded.rank}
+                with storage_errors():
+                    stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
+                staged = None
+                record = AdapterRecord(stored, loaded, time.monotonic(), (time.perf_counter() - start) * 1000)
+                self.registry.add(record)  # resident from here on, before the slot is given back
+
+            await self.residency.attach(prepared, keep=adapter_id, then=commit)
+            assert record is not None
+            self.metrics.load_seconds.observe(record.load_ms / 1000)
+            log.info("adapter %s loaded (%d bytes resident, %.1f ms)", adapter_id, record.resident_bytes,
+                     record.load_ms)
+            return record
+        finally:
+            if staged is not None:
+                await asyncio.to_thread(staged.discard)
+
+    # ---- delete ------------------------------------------------------------------------------------------
+
+    async def delete(self, adapter_id: str) -> int:
+        """Hide, wait for its users, remove the files, free the tensors; the bytes freed."""
+        record = self.registry.hide(adapter_id)  # new requests get 404 from now on
+        start = time.perf_counter()
+        try:
+            await self.residency.wait_unused(adapter_id)
+            async with self._activation:  # an activation under way finishes first; none starts on a hidden id
+                failpoint("delete.drained")
+                with storage_errors():
+                    await asyncio.to_thread(self.store.delete, adapter_id)  # also unsets the stored pointer
+                if self.active == adapter_id:
+                    await self.engine.call(lambda rt: _switch(rt, None, False))
+                    self.active, self.fused = None, False
+        except BaseException:
+            self.registry.unhide(adapter_id)  # the store still holds it: so does everything else
+            raise
+        freed = await self.residency.detach(record)
+        self.registry.remove(adapter_id)
+        self.residency.forget(adapter_id)
+        self.metrics.delete_seconds.observe(time.perf_counter() - start)
+        self.metrics.forget_adapter(adapter_id)
+        log.info("adapter %s deleted (%d bytes freed)", adapter_id, freed)
+        return freed
+
+    # ---- activation ----------------------------------------------------------------------------------------
+
+    async def activate(self, adapter_id: str | None, fuse: bool = False) -> tuple[str | None, bool]:
+        """Make an adapter the default (None: the base model); with `fuse`, its requests run on merged
+        weights. Engine and store change together or not at all."""
+        async with self._activation:
+            previous = (self.active, self.fused)
+            if adapter_id is None:
+                await self._switch(None, False, previous)
+                return None, False
+            async with self.residency.lease(adapter_id):  # a delete waits until the switch is recorded
+                await self.residency.ensure_resident(adapter_id)
+                await self._switch(adapter_id, fuse, previous)
+            return adapter_id, fuse
+
+    async def _switch(self, adapter_id: str | None, fuse: bool, previous: tuple[str | None, bool]) -> None:
+        await self.engine.call(lambda rt: _switch(rt, adapter_id, fuse))
+        try:
+            with storage_errors():
+                await asyncio.to_thread(self.store.set_active, adapter_id, fuse)
+        except BaseException:
+            with suppress(Exception):  # the previous state was valid a moment ago
+                await self.engine.call(lambda rt: _switch(rt, *previous))
+            raise
+        self.active, self.fused = adapter_id, fuse and adapter_id is not None
+
+
+def _switch(rt: AdapterRuntime, adapter_id: str | None, fuse: bool) -> None:
+    """Set the runtime's default adapter and fused state (on the engine thread)."""
+    if adapter_id is not None and fuse:
+        rt.fuse(adapter_id)  # may raise NotMergeableError: nothing changed then
+    else:
+        rt.unfuse()
+    rt.activate(adapter_id)

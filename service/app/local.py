@@ -1,0 +1,207 @@
+"""The single-process service: one base model, its engine, and the adapter store on local disk.
+
+Composes the registry (ids), residency (leases, LRU), lifecycle (create, delete, activate, restore) and
+admission (generations) into the `AdapterService` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import BinaryIO
+
+from ..engine import Engine, GenerationRequest
+from ..errors import InvalidMergeError
+from ..failpoints import failpoint
+from ..merging import MergeSpec, merge
+from ..merging.adapter_files import write_peft_adapter
+from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
+from ..metrics import ServiceMetrics
+from ..model_loading import BaseModel, load_base_model
+from ..runtime import AdapterRuntime, LoadedAdapter
+from ..settings import Settings
+from ..store import AdapterStore
+from .admission import Admission
+from .interface import BASE, Activation, AdapterView, Deletion, Generation, GenerationInput, Health, Listing
+from .lifecycle import Lifecycle
+from .paths import adapter_directory
+from .registry import AdapterRecord, AdapterRegistry, record_view
+from .residency import Residency
+from .storage_errors import storage_errors
+
+log = logging.getLogger(__name__)
+
+
+class LocalAdapterService:
+    """`AdapterService` for one process (`python -m service serve`)."""
+
+    def __init__(self, settings: Settings, base: BaseModel, engine: Engine, store: AdapterStore,
+                 metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.base = base
+        self.model_name = base.name
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics or ServiceMetrics()
+        self.registry = AdapterRegistry(settings.max_adapters, {base.name})
+        self.residency = Residency(self.registry, engine, settings.max_resident_adapters, self.metrics,
+                                   pinned=self._fused_active)
+        self.lifecycle = Lifecycle(self.registry, self.residency, store, engine, self.metrics)
+        self.admission = Admission(engine, self.residency, settings, self.metrics)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> LocalAdapterService:
+        """Load the model, open (and recover) the store, restore its adapters; the engine is not started."""
+        base = load_base_model(settings)
+        runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank)
+        engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=settings.max_batch_size,
+                        max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget)
+        service = cls(settings, base, engine, AdapterStore(settings.store), metrics)
+        service.lifecycle.restore()
+        service.metrics.bind(
+            queue_depth=lambda: engine.waiting_requests, batch_size=lambda: engine.running_requests,
+            resident=lambda: service.residency.resident_count, registered=lambda: len(service.registry.records),
+            adapter_bytes=lambda: sum(r.resident_bytes for r in service.registry.records.values()),
+        )
+        return service
+
+    def _fused_active(self, adapter_id: str) -> bool:
+        """The fused active adapter is never evicted (its merged copies would be rebuilt on every load)."""
+        return self.lifecycle.fused and adapter_id == self.lifecycle.active
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    # ---- reads -------------------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> str | None:
+        return self.lifecycle.active
+
+    @property
+    def fused(self) -> bool:
+        return self.lifecycle.fused
+
+    def _view(self, record: AdapterRecord) -> AdapterView:
+        return record_view(record, self.lifecycle.active)
+
+    async def get(self, adapter_id: str) -> AdapterView:
+        return self._view(self.registry.get(adapter_id))
+
+    async def list(self) -> Listing:
+        return Listing([self._view(r) for r in self.registry.visible()], self.lifecycle.active)
+
+    async def health(self) -> Health:
+        records = self.registry.visible()
+        return Health(
+            status="ok", model=self.base.name, device=str(self.base.device), active_adapter=self.lifecycle.active,
+            adapters=len(records), adapter_bytes=sum(r.resident_bytes for r in records),
+            adapters_resident=self.residency.resident_count, requests_running=self.engine.running_requests,
+            requests_waiting=self.engine.waiting_requests,
+        )
+
+    # ---- changes -----------------------------------------------------------------------------------------
+
+    async def upload(self, files: list[tuple[str, BinaryIO]], adapter_id: str | None) -> AdapterView:
+        adapter_id = self.registry.reserve(adapter_id)
+        try:
+            record = await self.lifecycle.create(
+                adapter_id, lambda: self.store.stage_files(files, self.settings.max_upload_bytes))
+        finally:
+            self.registry.release(adapter_id)
+        return self._view(record)
+
+    async def load_from_path(self, adapter_id: str, path: str) -> AdapterView:
+        directory = await asyncio.to_thread(adapter_directory, path, self.settings.lora_roots)
+        adapter_id = self.registry.reserve(adapter_id)
+        try:
+            record = await self.lifecycle.create(
+                adapter_id, lambda: self.store.stage_directory(directory, self.settings.max_upload_bytes))
+        finally:
+            self.registry.release(adapter_id)
+        return self._view(record)
+
+    async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:
+        if not sources:
+            raise InvalidMergeError("a merge needs at least one source adapter")
+        adapter_id = self.registry.reserve(adapter_id)
+        try:
+            async with AsyncExitStack() as held:  # every source stays in use until the result is committed
+                loaded = [await self._tensors(held, source_id) for source_id, _ in sources]
+                spec.weights = [weight for _, weight in sources]
+                merged = await asyncio.to_thread(merge, loaded, spec, self.engine.runtime.index.modules)
+                with storage_errors(), tempfile.TemporaryDirectory(dir=self.store.staging) as tmp:
+                    directory = await asyncio.to_thread(write_peft_adapter, merged, Path(tmp))
+                    failpoint("merge.written")
+                    record = await self.lifecycle.create(adapter_id, lambda: self.store.stage_directory(directory))
+        finally:
+            self.registry.release(adapter_id)
+        return self._view(record)
+
+    async def activate(self, adapter_id: str, fuse: bool = False) -> Activation:
+        active, fused = await self.lifecycle.activate(adapter_id, fuse)
+        return Activation(active, fused)
+
+    async def deactivate(self) -> Activation:
+        await self.lifecycle.activate(None)
+        return Activation(None)
+
+    async def delete(self, adapter_id: str) -> Deletion:
+        return Deletion(adapter_id, await self.lifecycle.delete(adapter_id))
+
+    # ---- reading an adapter's tensors or files -------------------------------------------------------------
+
+    async def _tensors(self, held: AsyncExitStack, adapter_id: str) -> LoadedAdapter:
+        """The adapter's tensors, leased in `held`: the resident copy, or one built from the store (not
+        attached). The lease keeps eviction and delete away until `held` closes."""
+        record = await held.enter_async_context(self.residency.lease(adapter_id))
+        if record.loaded is not None:
+            return record.loaded
+        return await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
+
+    async def download(self, adapter_id: str) -> Path:
+        async with self.residency.lease(adapter_id) as record:
+            with storage_errors():
+                return await asyncio.to_thread(self.store.zip_copy, record.stored)
+
+    async def export(self, adapter_id: str) -> AsyncIterator[bytes]:
+        held = AsyncExitStack()
+        try:
+            loaded = await self._tensors(held, adapter_id)
+            checkpoint = MergedCheckpoint(self.engine.runtime.model, self.engine.runtime.index, loaded)
+        except BaseException:
+            await held.aclose()
+            raise
+        return _held_chunks(stream_checkpoint_tar(checkpoint, self.base.tokenizer, f"{adapter_id}-merged"), held)
+
+    # ---- generation --------------------------------------------------------------------------------------
+
+    def _resolve(self, requested: str | None) -> str | None:
+        """The adapter a request runs on: None -> the active one, 'base' -> None (the base model)."""
+        if requested is None:
+            return self.lifecycle.active
+        if requested == BASE:
+            return None
+        return self.registry.get(requested).id
+
+    async def generate(self, request: GenerationInput) -> Generation:
+        adapter_id = self._resolve(request.adapter)
+        ids = await self.admission.tokenize(request)
+        events = await self.admission.start(GenerationRequest(ids, adapter_id, request.params), adapter_id or BASE)
+        return Generation(adapter_id, events)
+
+
+async def _held_chunks(chunks, held: AsyncExitStack) -> AsyncIterator[bytes]:
+    """The tar's chunks, each built off the event loop; the adapter's lease ends when the stream is closed."""
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        await held.aclose()
