@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import IncompatibleSourcesError
 from ..peft_format import FILE_PREFIX
 from ..runtime import LoadedAdapter
-from ..runtime.lora_weights import LoraWeights
+from ..runtime.adapter_types.lora import LoraWeights
 from .merge_functions import combine
 
 LINEAR_KINDS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")

@@ -28,7 +28,7 @@ class AdaptedModule(nn.Module):
         object.__setattr__(self, "router", router)
         self.adapters: dict[str, ModuleAdapter] = {}
         self.replacements: dict[str, nn.Module] = {}
-        # The latest batch's adapters in their type's stacked form (e.g. stacked_lora.py), and their ids.
+        # The latest batch's adapters in their type's stacked form (e.g. adapter_types/lora/stacked.py), and their ids.
         self._stack: Any = None
         self._stack_ids: tuple[str, ...] | None = None
         # The fused adapter's merged copy of the base module: its rows run at bare-module speed.

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
-from .adapter_types.base import AdapterConfigBase, AdapterKeys, AdapterType, ModuleTarget
+from .adapter_types.base import AdapterKeys, AdapterType, ModuleTarget
+from .adapter_types.config_readers import AdapterConfigBase
 from .adapter_types.registry import installed_types
 from .errors import AdapterValidationError, LoadReport
 from .model_index import ModelIndex

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .adapted_module import AdaptedModule
-from .adapter_types.base import AdapterConfigBase, AdapterType, ModuleAdapter, NotMergeableError
+from .adapter_types.base import AdapterType, ModuleAdapter, NotMergeableError
+from .adapter_types.config_readers import AdapterConfigBase
 from .errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError, LoadReport
 from .model_index import ModelIndex
 from .plan import AdapterPlan, plan_adapter

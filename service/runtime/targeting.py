@@ -7,14 +7,13 @@ the meaning it was trained with.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_types.base import AdapterConfigBase
+from .adapter_types.config_readers import AdapterConfigBase
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 LORA_MODULE_TYPES = (nn.Linear, Conv1D, nn.Embedding)
@@ -113,8 +112,3 @@ def resolve_alpha(alpha_pattern: dict[str, float], default: float, name: str, co
     if corrected_key is not None and corrected_key in keys:
         return alpha_pattern[corrected_key]
     return alpha_pattern[keys[0]] if keys else default
-
-
-def scaling(use_rslora: bool, rank: int, alpha: float) -> float:
-    """LoRA scaling as a Python float, exactly as PEFT computes it."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank

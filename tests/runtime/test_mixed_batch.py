@@ -8,7 +8,7 @@ import torch
 from oracle import input_ids, make_peft_adapter, peft_logits, tiny_model
 
 from service.runtime import AdapterRuntime
-from service.runtime import lora_weights as lora_weights_mod
+from service.runtime.adapter_types.lora import weights as lora_weights_mod
 
 ADAPTERS = {
     "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -8,14 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.runtime.adapter_config import TypedReader, parse_common_fields, read_rank_and_alpha
-from service.runtime.adapter_types.base import (
+from service.runtime.adapter_types.base import AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget
+from service.runtime.adapter_types.config_readers import (
     AdapterConfigBase,
-    AdapterKeys,
-    AdapterType,
-    ModuleAdapter,
-    ModuleTarget,
     ParsedConfig,
+    TypedReader,
+    parse_common_fields,
+    read_rank_and_alpha,
 )
 from service.runtime.errors import LoadReport
 from service.runtime.model_index import ModelIndex

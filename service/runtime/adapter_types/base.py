@@ -4,7 +4,8 @@ An adapter type answers five questions, and the runtime does everything else (va
 wrapping base modules, routing rows of a mixed batch, modules_to_save copies, deletion, fusing):
 
 1. Config: `parse_config` turns the raw `adapter_config.json` object into a typed config, collecting
-   every problem (`AdapterConfigBase` holds the fields every PEFT type shares; a type subclasses it).
+   every problem (`AdapterConfigBase` holds the fields every PEFT type shares; a type subclasses it and
+   reads its fields with the shared readers of `config_readers.py`).
 2. Keys: `plan_module` says, for one targeted base module, which file keys belong to it and with
    which shapes (through `AdapterKeys.expect`, which records missing keys and shape/dtype problems),
    and `plan_shared` claims adapter-level keys (a router, VeRA-style shared matrices). Keys declared
@@ -30,52 +31,32 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...peft_format import FILE_PREFIX
 from ..errors import AdapterError, LoadReport, ShapeMismatch
 from ..safetensors_file import FLOAT_DTYPES
+from .config_readers import AdapterConfigBase, ParsedConfig
 
 if TYPE_CHECKING:
     from ..model_index import ModelIndex
+
+ADAPTER_DTYPE = torch.float32  # PEFT's autocast_adapter_dtype=True: adapter tensors compute in fp32
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear-like module; Conv1D stores its weight as (in, out), embeddings are (V, d)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.in_features, module.out_features
 
 
 class NotMergeableError(AdapterError):
     """This adapter cannot be folded into base weights (the reason is in the message)."""
 
     code = "not_mergeable"
-
-
-@dataclass
-class AdapterConfigBase:
-    """Fields every PEFT adapter type shares: which modules it targets and which it saves whole."""
-
-    peft_type: str = ""
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | None = None
-    layers_pattern: list[str] | None = None
-    modules_to_save: list[str] = field(default_factory=list)
-    base_model_name_or_path: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def targets_all_linear(self) -> bool:
-        tm = self.target_modules
-        return isinstance(tm, str) and tm.lower() == "all-linear"
-
-    def summary(self) -> dict[str, Any]:
-        """What GET /adapters shows about the config; types add their own fields."""
-        return {"peft_type": self.peft_type, "target_modules": self.target_modules,
-                "modules_to_save": self.modules_to_save}
-
-
-@dataclass
-class ParsedConfig:
-    """Result of `AdapterType.parse_config`: config is None whenever errors is non-empty."""
-
-    config: AdapterConfigBase | None
-    errors: list[str] = field(default_factory=list)  # malformed values
-    unsupported: list[str] = field(default_factory=list)  # valid PEFT options this type does not serve
 
 
 class AdapterKeys:

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..adapter_config import parse_common_fields
 from ..errors import LoadReport
-from .base import AdapterConfigBase, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget, ParsedConfig
-from .lora import ADAPTER_DTYPE, features
+from .base import ADAPTER_DTYPE, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget, features
+from .config_readers import AdapterConfigBase, ParsedConfig, parse_common_fields
 
 
 @dataclass

@@ -15,11 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter_config import TypedReader, parse_common_fields, parse_rank_patterns, read_rank_and_alpha
 from ..errors import LoadReport
 from ..targeting import resolve_alpha, resolve_rank
-from .base import AdapterConfigBase, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget, ParsedConfig
-from .lora import ADAPTER_DTYPE
+from .base import ADAPTER_DTYPE, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget
+from .config_readers import (
+    AdapterConfigBase,
+    ParsedConfig,
+    TypedReader,
+    parse_common_fields,
+    parse_rank_patterns,
+    read_rank_and_alpha,
+)
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 

@@ -7,17 +7,14 @@ operations follows PEFT's unsafe merge, so a model holding these weights equals 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-if TYPE_CHECKING:
-    from .lora_weights import LoraWeights
+from .factors import LoraFactors
 
 
-def delta_weight(lora: LoraWeights, base: nn.Module) -> torch.Tensor:
+def delta_weight(lora: LoraFactors, base: nn.Module) -> torch.Tensor:
     """s·B@A in the base weight's layout: transposed for Conv1D (in, out) and embeddings (V, d)."""
     ba = lora.B @ lora.A
     if lora.kind == "embedding" or isinstance(base, Conv1D):
@@ -25,7 +22,7 @@ def delta_weight(lora: LoraWeights, base: nn.Module) -> torch.Tensor:
     return ba * lora.scaling
 
 
-def merged_parameters(lora: LoraWeights, base: nn.Module) -> dict[str, torch.Tensor]:
+def merged_parameters(lora: LoraFactors, base: nn.Module) -> dict[str, torch.Tensor]:
     """New values of the base module's `weight` (and `bias` with lora_bias), in the base dtype."""
     weight = base.weight
     delta = delta_weight(lora, base)
@@ -39,7 +36,7 @@ def merged_parameters(lora: LoraWeights, base: nn.Module) -> dict[str, torch.Ten
     return out
 
 
-def _dora_merged(lora: LoraWeights, base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+def _dora_merged(lora: LoraFactors, base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     """W' = m/‖W + ΔW‖ ⊙ (W + ΔW), norms per output feature, as PEFT's DoRA merge computes them."""
     weight = base.weight
     if lora.kind == "embedding":

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_types.base import ModuleAdapter
-from .merged_weights import merged_parameters
-from .stacked_lora import StackedLora
+from ..base import ModuleAdapter
+from .merged import merged_parameters
+from .stacked import StackedLora
 
 
 @dataclass(eq=False)
 class LoraWeights(ModuleAdapter):
-    """LoRA A/B of one adapter on one module (adapter compute dtype, module device): the LoRA `ModuleAdapter`.
+    """LoRA A/B of one adapter on one module (adapter compute dtype, module device): the LoRA `ModuleAdapter`
+    (it implements `LoraFactors`, what the merge and stacking math read).
 
     linear: A (r, in), B (out, r); embedding: A (r, V), B (d, r).
     `dora_scale` is DoRA's m / ||W + s·BA|| precomputed once: the norm is detached and constant at

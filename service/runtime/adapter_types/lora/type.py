@@ -1,4 +1,5 @@
-"""LoRA (and its DoRA, rsLoRA, lora_bias and embedding variants) as an adapter type (PEFT_SPEC §1-§2)."""
+"""LoRA (and its DoRA, rsLoRA, lora_bias and embedding variants) as an adapter type (PEFT_SPEC §1-§2): which
+file keys each targeted module claims, with which shapes, and how its `LoraWeights` are built."""
 
 from __future__ import annotations
 
@@ -6,24 +7,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..adapter_config import LoraAdapterConfig, parse_lora_config
-from ..errors import LoadReport
-from ..lora_weights import LoraWeights, init_dora
-from ..targeting import LORA_MODULE_TYPES, resolve_alpha, resolve_rank, scaling
-from .base import AdapterKeys, AdapterType, ModuleTarget, ParsedConfig
-
-ADAPTER_DTYPE = torch.float32  # PEFT's autocast_adapter_dtype=True: adapter tensors compute in fp32
-
-
-def features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a linear-like module; Conv1D stores its weight as (in, out), embeddings are (V, d)."""
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    return module.in_features, module.out_features
+from ...errors import LoadReport
+from ...targeting import LORA_MODULE_TYPES, resolve_alpha, resolve_rank
+from ..base import ADAPTER_DTYPE, AdapterKeys, AdapterType, ModuleTarget, features
+from ..config_readers import ParsedConfig
+from .config import LoraAdapterConfig, parse_lora_config, scaling
+from .weights import LoraWeights, init_dora
 
 
 class LoraType(AdapterType):

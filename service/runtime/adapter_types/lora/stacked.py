@@ -11,12 +11,10 @@ accumulation order (well within 1e-5 in fp32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .lora_weights import LoraWeights
+from .factors import LoraFactors
 
 
 @dataclass(eq=False)
@@ -28,7 +26,7 @@ class StackedLora:
     scaling: torch.Tensor  # (n + 1,)
 
     @classmethod
-    def build(cls, adapter_ids: tuple[str, ...], loras: list[LoraWeights]) -> StackedLora:
+    def build(cls, adapter_ids: tuple[str, ...], loras: list[LoraFactors]) -> StackedLora:
         first = loras[0]
         r_max = max(w.rank for w in loras)
         n_in, n_out = first.A.shape[1], first.B.shape[0]
@@ -47,7 +45,7 @@ class StackedLora:
         return cls(adapter_ids, a, b, bias, scaling)
 
     @staticmethod
-    def eligible(loras: list[LoraWeights]) -> bool:
+    def eligible(loras: list[LoraFactors]) -> bool:
         """Plain linear LoRA only (DoRA and embedding LoRA keep the grouped path)."""
         return all(w.kind == "linear" and w.dora_scale is None for w in loras)
 
