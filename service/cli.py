@@ -108,8 +108,8 @@ def _serve_ray(settings: Settings) -> None:
 
 
 def _make_adapter(args: argparse.Namespace) -> None:
-    from .demo_model import ensure_demo_model
-    from .make_adapter import write_demo_adapter
+    from .devtools.demo_model import ensure_demo_model
+    from .devtools.make_adapter import write_demo_adapter
 
     model_dir = Path(args.model) if args.model else ensure_demo_model(Settings().demo_cache)
     out = write_demo_adapter(args.out, model_dir, rank=args.rank, modules_to_save=list(args.modules_to_save),

@@ -33,7 +33,7 @@ from ..api.routes_openai import model_list
 from ..api.routes_vllm import allowed_lora_path, loaded_message, unloaded_message
 from ..api.schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, GenerateRequest, MergeRequest
 from ..api.schemas_openai import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
-from ..demo_model import DEMO_MODEL_NAME
+from ..devtools.demo_model import DEMO_MODEL_NAME
 from ..metrics import ServiceMetrics
 from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..settings import Settings
