@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_client import CLIENT_COMMANDS, add_client_commands, run_client_command
+from adapter_client.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
+
 from .settings import Settings
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
