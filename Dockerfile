@@ -18,6 +18,7 @@ WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY adapter_client ./adapter_client
 RUN pip install ".${EXTRAS}"
 
 RUN useradd --create-home --uid 1000 app && mkdir -p /data && chown app /data

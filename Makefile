@@ -30,7 +30,7 @@ test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service tests bench examples
+	$(VENV)/bin/ruff check service adapter_client tests bench examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from service.demo_model import BOS_ID, EOS_ID, PAD_ID, build_demo_tokenizer
+from service.devtools.demo_model import BOS_ID, EOS_ID, PAD_ID, build_demo_tokenizer
 
 MARKER_FILE = "bench_complete.json"
 MODEL_SEED = 0

@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_FILE = REPO_ROOT / "docs" / "reliability.md"
 SECTION = "## Soak under faults"
 MiB = 1024 * 1024
-# Adapter pool (rank, target modules), built with the project's builder (`service.make_adapter`).
+# Adapter pool (rank, target modules), built with the project's builder (`service.devtools.make_adapter`).
 POOL_SHAPES = ((16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, ("q_proj", "v_proj")),
                (8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
                (64, ("o_proj", "down_proj")))
@@ -111,7 +111,7 @@ def build_pool(model_dir: Path, out: Path, size: int,
                shapes: tuple[tuple[int, tuple[str, ...]], ...] = POOL_SHAPES) -> list[Path]:
     """`size` seeded LoRA adapters for the model, cycling through (rank, target modules) `shapes`; cached
     in `out`."""
-    from service.make_adapter import write_demo_adapter
+    from service.devtools.make_adapter import write_demo_adapter
 
     paths = []
     for i in range(size):
@@ -285,7 +285,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.demo_model import ensure_demo_model
+    from service.devtools.demo_model import ensure_demo_model
 
     from .model import count_parameters, ensure_model
     from .servers import ServerProcess

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_client import CLIENT_COMMANDS, add_client_commands, run_client_command
+from adapter_client.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
+
 from .settings import Settings
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
@@ -108,8 +109,8 @@ def _serve_ray(settings: Settings) -> None:
 
 
 def _make_adapter(args: argparse.Namespace) -> None:
-    from .demo_model import ensure_demo_model
-    from .make_adapter import write_demo_adapter
+    from .devtools.demo_model import ensure_demo_model
+    from .devtools.make_adapter import write_demo_adapter
 
     model_dir = Path(args.model) if args.model else ensure_demo_model(Settings().demo_cache)
     out = write_demo_adapter(args.out, model_dir, rank=args.rank, modules_to_save=list(args.modules_to_save),

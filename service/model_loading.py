@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .demo_model import DEMO_MODEL_NAME, ensure_demo_model
+from .devtools.demo_model import DEMO_MODEL_NAME, ensure_demo_model
 from .settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from ..api.app import create_app
-from ..demo_model import DEMO_MODEL_NAME
+from ..devtools.demo_model import DEMO_MODEL_NAME
 from ..settings import Settings
 from .cluster_service import ClusterAdapterService
 from .cluster_state import state_actor

@@ -11,7 +11,7 @@ from oracle import make_peft_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.demo_model import ensure_demo_model
+from service.devtools.demo_model import ensure_demo_model
 
 from .server import ServerProcess
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 
-from service.client import AdapterServiceClient, ServiceError
+from adapter_client import AdapterServiceClient, ServiceError
 
 from .conftest import upload
 from .server import ServerProcess

@@ -1,4 +1,4 @@
-"""`service.client` (sync and async) and the client CLI against a real server process; PEFT is the oracle."""
+"""`adapter_client` (sync and async) and the client CLI against a real server process; PEFT is the oracle."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.cli import main
-from service.client import (
+from adapter_client import (
     ActiveResult,
     AdapterServiceClient,
     AsyncAdapterServiceClient,
@@ -25,6 +24,7 @@ from service.client import (
     StreamEnd,
     TokenEvent,
 )
+from service.cli import main
 
 PROMPT = "Hello adapters"
 ROOT = Path(__file__).resolve().parents[2]

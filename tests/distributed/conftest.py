@@ -15,7 +15,7 @@ from api.conftest import GreedyOracle
 from oracle import make_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.demo_model import ensure_demo_model
+from service.devtools.demo_model import ensure_demo_model
 from service.settings import Settings
 
 NUM_REPLICAS = 2

@@ -10,7 +10,7 @@ import weakref
 import pytest
 from oracle import make_peft_adapter
 
-from service.demo_model import build_demo_model, build_demo_tokenizer
+from service.devtools.demo_model import build_demo_model, build_demo_tokenizer
 from service.distributed.resident import ResidentAdapters
 from service.engine import Engine
 from service.runtime import AdapterNotFoundError, AdapterRuntime

@@ -9,7 +9,7 @@ import torch
 from oracle import make_peft_adapter
 from peft import PeftModel
 
-from service.demo_model import build_demo_model, build_demo_tokenizer
+from service.devtools.demo_model import build_demo_model, build_demo_tokenizer
 from service.engine import Engine
 from service.runtime import AdapterRuntime
 

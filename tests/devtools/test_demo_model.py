@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.demo_model import (
+from service.devtools.demo_model import (
     BOS_ID,
     EOS_ID,
     MARKER_FILE,

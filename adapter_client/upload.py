@@ -15,7 +15,7 @@ from pathlib import Path
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # as the server accepts (store_upload)
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # as the server accepts (service/store_upload.py)
 
 ProgressCallback = Callable[[int, int], None]
 

@@ -1,8 +1,10 @@
-"""Client commands of the CLI: `python -m service adapters upload|list|activate|delete` and `generate`.
+"""Client commands of the CLI: `adapters upload|list|activate|delete` and `generate`.
 
-They talk to a running server through `service.client`. Output is for people (a table for `list`, the text for
-`generate`) unless `--json` asks for the server's JSON; errors are one line `error: <code>: <message>` on stderr
-(plus the load report's problems for an invalid adapter) and exit code 1.
+`python -m adapter_client` runs them alone; `python -m service` registers them beside `serve` with
+`add_client_commands` and `run_client_command`. They talk to a running server through `adapter_client.client`.
+Output is for people (a table for `list`, the text for `generate`) unless `--json` asks for the server's JSON;
+errors are one line `error: <code>: <message>` on stderr (plus the load report's problems for an invalid
+adapter) and exit code 1.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import DEFAULT_TIMEOUT_S, DEFAULT_URL, AdapterInfo, AdapterServiceClient, ServiceError, StreamEnd
+from .progress import ProgressLine, format_bytes
 
 CLIENT_COMMANDS = ("adapters", "generate")
 URL_ENV, API_KEY_ENV = "ADAPTER_SERVICE_URL", "ADAPTER_SERVICE_API_KEY"
@@ -58,6 +61,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     generate.set_defaults(client_handler=_generate)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m adapter_client ...`: parse the client commands and exit with the command's code."""
+    parser = argparse.ArgumentParser(prog="python -m adapter_client", description="client of a running adapter service")
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+    sys.exit(run_client_command(parser.parse_args(argv)))
+
+
 def run_client_command(args: argparse.Namespace) -> int:
     """Run a client command; returns the process exit code (0, or 1 after printing the error)."""
     handler: Handler = args.client_handler
@@ -74,21 +84,12 @@ def run_client_command(args: argparse.Namespace) -> int:
 
 
 def _upload(client: AdapterServiceClient, args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    bars: list[tqdm] = []  # made on the first chunk, so a bad local path prints only its error
-
-    def progress(sent: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                             desc=f"upload {args.path.name}"))
-        bars[0].update(sent - bars[0].n)
-
+    # draws from the first chunk on, so a bad local path prints only its error
+    progress = ProgressLine(f"upload {args.path.name}", sys.stderr)
     try:
         info = client.upload_adapter(args.path, args.adapter_id, progress=progress)
     finally:
-        for bar in bars:
-            bar.close()
+        progress.close()
     if args.json:
         _print_json(info.raw)
     else:
@@ -104,8 +105,9 @@ def _list(client: AdapterServiceClient, args: argparse.Namespace) -> None:
         _out("no adapters")
         return
     rows = [("ID", "TYPE", "RANK", "ALPHA", "TARGETS", "RESIDENT", "ACTIVE", "CREATED")]
-    rows += [(a.id, a.type, str(a.rank), f"{a.alpha:g}", _targets(a), _size(a.resident_bytes) if a.resident else "-",
-              "*" if a.active else "", a.created_at) for a in listing.adapters]
+    rows += [(a.id, a.type, str(a.rank), f"{a.alpha:g}", _targets(a),
+              format_bytes(a.resident_bytes) if a.resident else "-", "*" if a.active else "", a.created_at)
+             for a in listing.adapters]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         _out("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -124,7 +126,7 @@ def _delete(client: AdapterServiceClient, args: argparse.Namespace) -> None:
     if args.json:
         _print_json(result.raw)
     else:
-        _out(f"deleted {result.deleted} (freed {_size(result.freed_bytes)})")
+        _out(f"deleted {result.deleted} (freed {format_bytes(result.freed_bytes)})")
 
 
 def _generate(client: AdapterServiceClient, args: argparse.Namespace) -> None:
@@ -157,17 +159,6 @@ def _describe(info: AdapterInfo) -> str:
 def _targets(info: AdapterInfo) -> str:
     targets = info.target_modules
     return ",".join(targets) if isinstance(targets, list) else str(targets)
-
-
-def _size(n_bytes: int) -> str:
-    if n_bytes < 1024:
-        return f"{n_bytes} B"
-    size = n_bytes / 1024
-    for unit in ("KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def _detail_lines(details: Any) -> list[str]:

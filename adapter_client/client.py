@@ -1,6 +1,6 @@
 """Typed Python client for the adapter service, sync (`AdapterServiceClient`) and async (`AsyncAdapterServiceClient`).
 
-Both clients have the same methods and return the same typed results (`service.client_types`); every error
+Both clients have the same methods and return the same typed results (`adapter_client.types`); every error
 answer raises `ServiceError` (code, message and details from the server's error body), and a server that does
 not answer raises its subclass `ServiceConnectionError`.
 
@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .client_types import (
+from .types import (
     ActiveResult,
     AdapterInfo,
     AdapterList,
@@ -36,7 +36,7 @@ from .client_types import (
     parse_sse_line,
     parse_stream_event,
 )
-from .client_upload import MultipartUpload, ProgressCallback
+from .upload import MultipartUpload, ProgressCallback
 
 __all__ = [
     "ActiveResult", "AdapterInfo", "AdapterList", "AdapterServiceClient", "AsyncAdapterServiceClient",

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from service.demo_model import ensure_demo_model
-from service.make_adapter import write_demo_adapter
+from service.devtools.demo_model import ensure_demo_model
+from service.devtools.make_adapter import write_demo_adapter
 
 IDS = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119], [256, 1, 2, 3, 200, 201, 202, 255]])
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from .peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
+from ..peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
 
 # B's std; A is scaled by 1/sqrt(in_features), so the LoRA delta is a few percent of the activations at any
 # model width: visible in the logits, far from overflow.
