@@ -33,7 +33,7 @@ from service.failpoints import failpoint
 from service.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from service.store_upload import ACCEPTED_NAMES, file_digest, receive_upload
 
-from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, StoreError
+from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, ServiceError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class AdapterStore:
                 if verify and file_digest(path / file)[1] != sha:
                     return CorruptEntry(name, f"{file} sha256 differs from manifest")
             return record
-        except StoreError as exc:
+        except ServiceError as exc:
             return CorruptEntry(name, exc.message)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return CorruptEntry(name, f"unreadable manifest: {type(exc).__name__}: {exc}")
