@@ -100,7 +100,8 @@ class Residency:
                 return
             start = time.perf_counter()
             prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
-            record.loaded = await self.attach(prepared, keep=adapter_id)
+            # Registered as resident inside `attach`, before its slot is given back: counted by the next load.
+            await self.attach(prepared, keep=adapter_id, then=lambda loaded: setattr(record, "loaded", loaded))
             record.load_ms = (time.perf_counter() - start) * 1000
             self.metrics.load_seconds.observe(record.load_ms / 1000)
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)

@@ -34,7 +34,7 @@ from oracle import input_ids, make_peft_adapter, tiny_model
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from service.errors import ServiceError, StoreError
+from service.errors import ServiceError
 from service.peft_format import CONFIG_FILE, FILE_PREFIX, WEIGHTS_FILE
 from service.runtime import AdapterRuntime, AdapterValidationError
 from service.store import AdapterStore
@@ -329,7 +329,7 @@ def test_unparseable_json_is_a_typed_error(world, sources, tmp_path, text) -> No
     (tmp_path / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(text)) + text)
     with pytest.raises(AdapterValidationError):
         world.runtime.load("fuzzed", tmp_path)
-    with pytest.raises(StoreError):
+    with pytest.raises(ServiceError):
         world.store.stage_files([(CONFIG_FILE, io.BytesIO(text)), (WEIGHTS_FILE, io.BytesIO(b""))], MAX_UPLOAD)
     world.assert_unchanged(forward=True)
 
