@@ -7,7 +7,6 @@ is upcast to fp32 (PEFT's autocast_adapter_dtype) and the product is cast back t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..adapter_config import parse_common_fields
 from ..errors import LoadReport
+from ..module_patterns import fullmatch, whole_name
 from .base import AdapterConfigBase, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget, ParsedConfig
 from .lora import ADAPTER_DTYPE, features
 
@@ -30,11 +30,16 @@ class IA3Config(AdapterConfigBase):
         """PEFT's rule: a regex string must match the whole name; list entries match a plain suffix."""
         ff = self.feedforward_modules
         if isinstance(ff, str):
-            return re.fullmatch(ff, name) is not None
+            return fullmatch("feedforward_modules", ff, name)
         return any(name.endswith(entry) for entry in ff)
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "feedforward_modules": self.feedforward_modules}
+
+    def module_patterns(self) -> list[tuple[str, str, str]]:
+        ff = self.feedforward_modules
+        own = [("feedforward_modules", ff, whole_name(ff))] if isinstance(ff, str) else []
+        return super().module_patterns() + own
 
 
 @dataclass(eq=False)
