@@ -15,7 +15,7 @@ from pathlib import Path
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # as the server accepts (service/store_upload.py)
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")  # as the server accepts
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -99,6 +99,7 @@ def upload_files(path: Path) -> list[Path]:
         return files
     if path.is_file():
         if not path.name.endswith(ARCHIVE_SUFFIXES):
-            raise ValueError(f"{path} is neither an adapter directory nor a .zip/.tar.gz/.tgz/.tar archive")
+            raise ValueError(f"{path} is neither an adapter directory nor a .zip or tar (.tar, .tar.gz, .tar.bz2, "
+                             ".tar.xz) archive")
         return [path]
     raise FileNotFoundError(f"{path} does not exist")

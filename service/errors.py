@@ -103,8 +103,10 @@ class IncompatibleSourcesError(ServiceError):
 class UploadTooLargeError(ServiceError):
     code = "upload_too_large"
 
-    def __init__(self, max_bytes: int, what: str = "upload") -> None:
-        super().__init__(f"{what} exceeds the limit of {max_bytes} bytes", {"max_bytes": max_bytes})
+    def __init__(self, max_bytes: int, what: str = "upload", read_bytes: int | None = None) -> None:
+        # read_bytes: how much was read before refusing (an archive is refused while being decompressed)
+        details = {"max_bytes": max_bytes} if read_bytes is None else {"max_bytes": max_bytes, "read_bytes": read_bytes}
+        super().__init__(f"{what} exceeds the limit of {max_bytes} bytes", details)
 
 
 class InvalidUploadError(ServiceError):

@@ -162,7 +162,7 @@ class AdapterStore:
     # ----- uploads -----
 
     def stage_files(self, files: Iterable[tuple[str, BinaryIO]], max_bytes: int) -> StagedAdapter:
-        """Receive an upload: the two adapter files by name, or one .zip/.tar.gz/.tgz/.tar holding them.
+        """Receive an upload: the two adapter files by name, or one .zip or tar archive holding them.
 
         At most `max_bytes` are read in total (and, for an archive, extracted). On any error the staging
         directory is removed and the store is left exactly as it was.

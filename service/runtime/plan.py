@@ -10,7 +10,6 @@ an error, not a silently initialised layer, and base-model keys never show up as
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,6 +22,7 @@ from .adapter_types.config_readers import AdapterConfigBase
 from .adapter_types.registry import installed_types
 from .errors import AdapterValidationError, LoadReport
 from .model_index import ModelIndex
+from .module_patterns import ModulePatternError, pattern_problems
 from .safetensors_file import SafetensorsFormatError, TensorHeader, read_header
 from .targeting import is_targeted, modules_to_save_names
 
@@ -69,6 +69,11 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
         raise AdapterValidationError(report)
     cfg.peft_type = adapter_type.peft_type
 
+    # Every config regex must compile with RE2 (linear-time matching) before one is run.
+    pattern_errors = pattern_problems(cfg.module_patterns())
+    if pattern_errors:
+        report.config_errors += pattern_errors
+        raise AdapterValidationError(report)
     keys = AdapterKeys(_strip_prefix(header, report), report)
     plan = AdapterPlan(adapter_id, adapter_type, cfg, report, weights_path)
     try:
@@ -76,8 +81,8 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
         plan.shared = _guarded(report, adapter_type, "plan shared keys",
                                lambda: adapter_type.plan_shared(cfg, index, keys, report)) or {}
         _plan_replacements(plan, index, keys)
-    except re.error as exc:  # target_modules, exclude_modules, modules_to_save and patterns are regexes
-        report.config_errors.append(f"a module pattern is not a valid regular expression ({exc}): {exc.pattern!r}")
+    except ModulePatternError as exc:  # a type's own pattern field that module_patterns() does not list
+        report.config_errors.append(str(exc))
         raise AdapterValidationError(report) from None
     report.unexpected_keys = keys.unused()
     ranks = sorted({r for t in plan.targets if isinstance(r := t.info.get("rank"), int)})
@@ -124,7 +129,7 @@ def _guarded(report: LoadReport, adapter_type: AdapterType, what: str, call: Cal
     """Run a type's hook; a plug-in's bug becomes a config error in the report, not a server error."""
     try:
         return call()
-    except re.error:
+    except ModulePatternError:
         raise  # a bad pattern in the config, reported as such by the caller
     except Exception as exc:
         report.config_errors.append(f"adapter type {adapter_type.peft_type} failed to {what}: "

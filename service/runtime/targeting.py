@@ -1,23 +1,22 @@
 """Which modules an adapter applies to, and with which rank and alpha.
 
 These rules reproduce PEFT's `check_target_module_exists`, `_maybe_include_all_linear_layers` and
-`get_pattern_key` (see ../shared/PEFT_SPEC.md §1.3-1.4, §1.6) so that a file written by PEFT is read with
-the meaning it was trained with.
+`get_pattern_key` (peft/tuners/tuners_utils.py and utils/other.py in PEFT 0.21.2) so that a file written by PEFT is read with
+the meaning it was trained with. Regexes are matched with RE2, in linear time (module_patterns.py).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import module_patterns as patterns
 from .adapter_types.config_readers import AdapterConfigBase
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 LORA_MODULE_TYPES = (nn.Linear, Conv1D, nn.Embedding)
-_FIRST_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def all_linear_names(modules: dict[str, nn.Module], output_embedding_name: str | None) -> set[str]:
@@ -31,21 +30,21 @@ def _excluded(cfg: AdapterConfigBase, name: str) -> bool:
     ex = cfg.exclude_modules
     if ex:
         if isinstance(ex, str):
-            if re.fullmatch(ex, name):
+            if patterns.fullmatch("exclude_modules", ex, name):
                 return True
         elif name in ex or any(name.endswith(f".{e}") for e in ex):
             return True
     # A module saved whole (and everything inside it) never gets LoRA: dot-aware regex, as in PEFT.
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg.modules_to_save)
+    return any(patterns.match("modules_to_save", m, patterns.saved_module(m), name) for m in cfg.modules_to_save)
 
 
 def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
     if not layers_pattern:
-        match = _FIRST_LAYER_INDEX.match(name)
+        match = patterns.match("layers_pattern", "", patterns.FIRST_LAYER_INDEX, name)
     else:
         match = None
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = patterns.match("layers_pattern", pattern, patterns.layer_index(pattern), name)
             if match:
                 break
     return int(match.group("idx")) if match else None
@@ -59,7 +58,7 @@ def is_targeted(cfg: AdapterConfigBase, name: str, all_linear: set[str] | None =
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return patterns.fullmatch("target_modules", targets, name)
     if name in targets:  # an exact name bypasses layers_to_transform, as in PEFT
         return True
     if not any(name.endswith(f".{t}") for t in targets):
@@ -78,9 +77,10 @@ def modules_to_save_names(cfg: AdapterConfigBase, names: Iterable[str]) -> list[
     return [n for n in matched if not any(n.startswith(p + ".") for p in matched if p != n)]
 
 
-def matching_patterns(patterns: dict[str, float], name: str) -> list[str]:
+def matching_patterns(pattern_keys: dict[str, float], name: str) -> list[str]:
     """Pattern keys matching `name` on a dot-aligned suffix, in file order."""
-    return [p for p in patterns if re.match(rf"(.*\.)?({p})$", name)]
+    field = "rank_pattern/alpha_pattern key"
+    return [p for p in pattern_keys if patterns.match(field, p, patterns.pattern_key(p), name)]
 
 
 def resolve_rank(

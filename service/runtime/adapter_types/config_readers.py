@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..module_patterns import layer_index, pattern_key, saved_module, whole_name
+
 
 @dataclass
 class AdapterConfigBase:
@@ -34,6 +36,22 @@ class AdapterConfigBase:
         """What GET /adapters shows about the config; types add their own fields."""
         return {"peft_type": self.peft_type, "target_modules": self.target_modules,
                 "modules_to_save": self.modules_to_save}
+
+    def module_patterns(self) -> list[tuple[str, str, str]]:
+        """Every regex this config matches module names with, as (field, user pattern, regex built around
+        it as PEFT builds it); checked with RE2 before any matching. Covers the shared fields and the
+        rank_pattern/alpha_pattern keys of the types that have them (LoRA, LoHa); a type with its own
+        pattern fields adds them."""
+        found: list[tuple[str, str, str]] = []
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not (name == "target_modules" and self.targets_all_linear):
+                found.append((name, value, whole_name(value)))
+        found += [("modules_to_save", m, saved_module(m)) for m in self.modules_to_save]
+        found += [("layers_pattern", p, layer_index(p)) for p in self.layers_pattern or []]
+        for name in ("rank_pattern", "alpha_pattern"):
+            found += [(f"{name} key", p, pattern_key(p)) for p in getattr(self, name, None) or {}]
+        return found
 
 
 @dataclass

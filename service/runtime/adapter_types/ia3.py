@@ -7,7 +7,6 @@ is upcast to fp32 (PEFT's autocast_adapter_dtype) and the product is cast back t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LoadReport
+from ..module_patterns import fullmatch, whole_name
 from .base import ADAPTER_DTYPE, AdapterKeys, AdapterType, ModuleAdapter, ModuleTarget, features
 from .config_readers import AdapterConfigBase, ParsedConfig, parse_common_fields
 
@@ -29,11 +29,16 @@ class IA3Config(AdapterConfigBase):
         """PEFT's rule: a regex string must match the whole name; list entries match a plain suffix."""
         ff = self.feedforward_modules
         if isinstance(ff, str):
-            return re.fullmatch(ff, name) is not None
+            return fullmatch("feedforward_modules", ff, name)
         return any(name.endswith(entry) for entry in ff)
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "feedforward_modules": self.feedforward_modules}
+
+    def module_patterns(self) -> list[tuple[str, str, str]]:
+        ff = self.feedforward_modules
+        own = [("feedforward_modules", ff, whole_name(ff))] if isinstance(ff, str) else []
+        return super().module_patterns() + own
 
 
 @dataclass(eq=False)
