@@ -212,7 +212,7 @@ def test_export_streams_the_merged_checkpoint_from_a_replica(cluster, oracle, tm
 def test_openai_routes_on_replicas_match_generate(cluster, oracle) -> None:
     import torch
 
-    from service.api.routes_openai import DEFAULT_CHAT_TEMPLATE
+    from service.app.admission import DEFAULT_CHAT_TEMPLATE
 
     c = cluster.client
     assert upload(c, oracle.adapters["a5"], "oa").status_code == 201
