@@ -29,13 +29,13 @@ def test_eviction_waits_for_requests_then_frees_every_tensor(tmp_path) -> None:
         record = await book.attach(runtime.prepare("x@v1", adapter_dir))
         refs.extend(weakref.ref(t) for t in runtime.adapters["x@v1"].tensors())
         assert record.resident_bytes > 0 and book.names == ["x@v1"]
-        async with book.serving("x@v1"):
+        async with book.lease("x@v1"):
             eviction = asyncio.create_task(record.__del__())  # what Serve's LRU eviction awaits
             while not record.freeing:  # let the eviction start
                 await asyncio.sleep(0)
             assert not eviction.done() and "x@v1" in runtime.adapters, "a running request keeps its adapter"
             with pytest.raises(AdapterNotFoundError):  # but no new request may start on it
-                async with book.serving("x@v1"):
+                async with book.lease("x@v1"):
                     pass
         await eviction
         assert "x@v1" not in runtime.adapters and book.names == []
