@@ -75,7 +75,8 @@ class HealthResponse(BaseModel):
     adapters_resident: int
     requests_running: int | None = Field(default=None, description="single process only")
     requests_waiting: int | None = Field(default=None, description="single process only")
-    replicas: list[dict] | None = Field(default=None, description="Ray Serve only: live replicas and what each holds")
+    replicas: dict[str, list[str]] | None = Field(
+        default=None, description="Ray Serve only: each live replica and the adapter versions it holds")
 
 
 class MergeSource(BaseModel):

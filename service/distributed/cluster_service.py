@@ -128,7 +128,7 @@ class ClusterAdapterService:
             status="ok", model=self.model_name, device=self.settings.device, active_adapter=listing["active"],
             adapters=len(entries), adapters_resident=len(resident),
             adapter_bytes=sum(e["resident_bytes"] for e in entries if model_id(e["id"], e["version"]) in resident),
-            extra={"replicas": [{"replica": r, "resident": names} for r, names in listing["replicas"].items()]},
+            extra={"replicas": listing["replicas"]},  # replica id -> model ids it holds
         )
 
     # ---- changes -----------------------------------------------------------------------------------------
