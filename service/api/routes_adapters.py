@@ -91,9 +91,11 @@ async def download_adapter(adapter_id: str, service: Svc) -> FileResponse:
 @router.post("/{adapter_id}/export", dependencies=ADMIN)
 async def export_merged_model(adapter_id: str, service: Svc) -> ClosingStreamingResponse:
     """A tar of a standalone Hugging Face checkpoint with the adapter merged into the base weights, streamed."""
-    chunks = await service.export(adapter_id)
-    return ClosingStreamingResponse(chunks, media_type="application/x-tar",
-                                    headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})
+    export = await service.export(adapter_id)
+    headers = {"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'}
+    if export.served_by:
+        headers["X-Replica-Id"] = export.served_by
+    return ClosingStreamingResponse(export.chunks, media_type="application/x-tar", headers=headers)
 
 
 @router.delete("/{adapter_id}", response_model=DeleteResponse, dependencies=ADMIN)

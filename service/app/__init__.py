@@ -6,6 +6,7 @@ from .interface import (
     AdapterService,
     AdapterView,
     Deletion,
+    Export,
     Generation,
     GenerationEvent,
     GenerationInput,
@@ -14,6 +15,6 @@ from .interface import (
 )
 
 __all__ = [
-    "BASE", "Activation", "AdapterService", "AdapterView", "Deletion", "Generation", "GenerationEvent",
+    "BASE", "Activation", "AdapterService", "AdapterView", "Deletion", "Export", "Generation", "GenerationEvent",
     "GenerationInput", "Health", "Listing",
 ]

@@ -103,6 +103,14 @@ class Generation:
 
 
 @dataclass
+class Export:
+    """A merged checkpoint's tar as it streams; closing `chunks` ends the adapter's lease."""
+
+    chunks: AsyncIterator[bytes]
+    served_by: str | None = None  # the replica that builds it (Ray only)
+
+
+@dataclass
 class Health:
     status: str
     model: str
@@ -157,7 +165,7 @@ class AdapterService(Protocol):
         """A zip of the adapter's stored files in a temporary place; the caller removes it."""
         ...
 
-    async def export(self, adapter_id: str) -> AsyncIterator[bytes]:
+    async def export(self, adapter_id: str) -> Export:
         """The tar of the base model with the adapter merged in; the adapter stays in use until it is closed.
         Errors known before the first byte (not found, not mergeable) raise here."""
         ...

@@ -26,7 +26,7 @@ from ..runtime import AdapterRuntime, LoadedAdapter
 from ..settings import Settings
 from ..store import AdapterStore
 from .admission import Admission
-from .interface import BASE, Activation, AdapterView, Deletion, Generation, GenerationInput, Health, Listing
+from .interface import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
 from .lifecycle import Lifecycle
 from .paths import adapter_directory
 from .registry import AdapterRecord, AdapterRegistry, record_view
@@ -171,7 +171,7 @@ class LocalAdapterService:
             with storage_errors():
                 return await asyncio.to_thread(self.store.zip_copy, record.stored)
 
-    async def export(self, adapter_id: str) -> AsyncIterator[bytes]:
+    async def export(self, adapter_id: str) -> Export:
         held = AsyncExitStack()
         try:
             loaded = await self._tensors(held, adapter_id)
@@ -179,7 +179,8 @@ class LocalAdapterService:
         except BaseException:
             await held.aclose()
             raise
-        return _held_chunks(stream_checkpoint_tar(checkpoint, self.base.tokenizer, f"{adapter_id}-merged"), held)
+        tar = stream_checkpoint_tar(checkpoint, self.base.tokenizer, f"{adapter_id}-merged")
+        return Export(_held_chunks(tar, held))
 
     # ---- generation --------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError as ServeReplicaUnavailable
 
-from ..app import BASE, Activation, AdapterView, Deletion, Generation, GenerationInput, Health, Listing
+from ..app import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
 from ..app.paths import adapter_directory
 from ..app.registry import adapter_view, claim_adapter_id
 from ..app.storage_errors import storage_errors
@@ -246,17 +246,17 @@ class ClusterAdapterService:
             with storage_errors():
                 return await asyncio.to_thread(self.store.zip_copy, stored)
 
-    async def export(self, adapter_id: str) -> AsyncIterator[bytes]:
+    async def export(self, adapter_id: str) -> Export:
         """The merged checkpoint's tar, built and streamed by a replica from the stored version."""
         lease = self._lease(adapter_id)
         entry = await lease.__aenter__()
         try:
             name = model_id(entry["id"], entry["version"])
-            chunks, _ = await self._stream(lambda: self.replicas.options(stream=True).export_stream.remote(name))
+            chunks, head = await self._stream(lambda: self.replicas.options(stream=True).export_stream.remote(name))
         except BaseException:
             await lease.__aexit__(None, None, None)
             raise
-        return _relay(chunks, lambda item: item, lease)
+        return Export(_relay(chunks, lambda item: item, lease), served_by=head["replica"])
 
     # ---- generation --------------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Which modules an adapter applies to, and with which rank and alpha.
 
 These rules reproduce PEFT's `check_target_module_exists`, `_maybe_include_all_linear_layers` and
-`get_pattern_key` (peft/tuners/tuners_utils.py and utils/other.py in PEFT 0.21.2) so that a file written by PEFT is read with
-the meaning it was trained with. Regexes are matched with RE2, in linear time (module_patterns.py).
+`get_pattern_key` (peft/tuners/tuners_utils.py and utils/other.py in PEFT 0.21.2) so that a file written
+by PEFT is read with the meaning it was trained with. Regexes are matched with RE2, in linear time (module_patterns.py).
 """
 
 from __future__ import annotations

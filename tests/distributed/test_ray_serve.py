@@ -179,7 +179,7 @@ def test_merge_on_a_replica_matches_peft(cluster, oracle) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "incompatible_sources", bad.text
     assert "same rank" in bad.json()["error"]["message"]
     missing = c.post("/adapters/merge", json={**body, "adapter_id": "bad", "sources": [{"adapter_id": "nope"}]})
-    assert missing.status_code == 404 and missing.json()["error"]["details"] == {"adapter_id": "nope"}
+    assert missing.status_code == 404 and missing.json()["error"]["details"]["adapter_id"] == "nope"
     assert tree(cluster.store) == before, "a failed merge leaves nothing behind"
     assert c.get("/adapters/bad").status_code == 404
     assert c.post("/adapters/merge", json={**body, "adapter_id": "bad"}).status_code == 201, "the id was released"
