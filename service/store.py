@@ -70,6 +70,14 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _undo_rename(renamed: Path, original: Path) -> None:
+    """Rename back after a later step failed (best effort: the caller re-raises that step's error)."""
+    try:
+        os.replace(renamed, original)
+    except OSError as exc:
+        logger.error("could not rename %s back to %s: %s", renamed, original, exc)
+
+
 @dataclass
 class AdapterFiles:
     """The two adapter files in one directory, with their digests."""
@@ -219,7 +227,12 @@ class AdapterStore:
                 if target.exists():
                     raise AdapterExistsError(adapter_id) from exc
                 raise
-            _fsync_path(self.root)
+            try:
+                _fsync_path(self.root)
+            except BaseException:  # an error means "not stored": unpublish, so the store says the same
+                _undo_rename(target, staged.path)
+                manifest.unlink(missing_ok=True)
+                raise
             failpoint("commit.after_rename")
         logger.info("stored adapter %s (%d bytes)", adapter_id, record.size_bytes)
         return record
@@ -282,10 +295,14 @@ class AdapterStore:
                 os.rename(source, doomed)
             except FileNotFoundError as exc:
                 raise AdapterNotFoundError(adapter_id) from exc
-            _fsync_path(self.root)
-            failpoint("delete.in_trash")
-            if self._read_active() == adapter_id:
-                self._write_active(None)
+            try:
+                _fsync_path(self.root)
+                failpoint("delete.in_trash")
+                if self._read_active() == adapter_id:
+                    self._write_active(None)
+            except BaseException:  # an error means "not deleted": put it back (the pointer is unchanged)
+                _undo_rename(doomed, source)
+                raise
         shutil.rmtree(doomed, ignore_errors=True)
         logger.info("deleted adapter %s", adapter_id)
 
@@ -327,17 +344,27 @@ class AdapterStore:
     def _write_active(self, adapter_id: str | None, fused: bool = False) -> None:
         # Temp file in staging (same filesystem, cleaned on start), then os.replace: readers see old or new.
         fd, tmp = tempfile.mkstemp(prefix="active-", suffix=".json", dir=self.staging)
+        target, previous = self.root / ACTIVE_FILE, Path(tmp + ".previous")
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"active": adapter_id, **({"fused": True} if fused else {})}, f)
                 f.flush()
                 os.fsync(f.fileno())
             failpoint("active.temp_written")
-            os.replace(tmp, self.root / ACTIVE_FILE)
-        except BaseException:
+            if target.exists():
+                os.link(target, previous)  # so an undo is a rename, which needs no free space
+            os.replace(tmp, target)
+            try:
+                _fsync_path(self.root)
+            except BaseException:  # an error means "not changed": put the previous pointer back
+                if previous.exists():
+                    _undo_rename(previous, target)
+                else:
+                    target.unlink(missing_ok=True)
+                raise
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_path(self.root)
+            previous.unlink(missing_ok=True)
 
     # ----- internals -----
 
