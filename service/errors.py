@@ -151,6 +151,32 @@ class InvalidPathError(ServiceError):
     code = "invalid_path"
 
 
+# ---- adapter sources (hub, object storage, local directories: service/app/sources) -------------------------
+
+class InvalidSourceError(ServiceError):
+    """A source location no source understands (unknown scheme, malformed repo id or bucket)."""
+
+    code = "invalid_source"
+
+
+class SourceNotFoundError(ServiceError):
+    """The source answered, and holds no such repo, revision, bucket or object (or an offline cache lacks it)."""
+
+    code = "source_not_found"
+
+
+class SourceAccessDeniedError(ServiceError):
+    """The source refused the credentials (or there were none): HF_TOKEN, AWS_* and friends."""
+
+    code = "source_access_denied"
+
+
+class SourceUnavailableError(ServiceError):
+    """The source could not be reached (network, endpoint down); nothing was changed."""
+
+    code = "source_unavailable"
+
+
 # ---- requests ---------------------------------------------------------------------------------------------
 
 class InvalidRequestError(ServiceError):

@@ -2,6 +2,7 @@
 
 Layout under the root:
     <id>/adapter_config.json, <id>/adapter_model.safetensors, <id>/manifest.json
+    <id>/unloaded  (present: kept but not served, see `set_served`: vLLM's unload_lora_adapter)
     .staging/   uploads being received (same filesystem, so commit is a single rename)
     .trash/     adapters being deleted (renamed here first, so a crash never leaves a half-deleted one)
     active.json {"active": id | null}
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "active.json"
+UNLOADED_FILE = "unloaded"  # marker: the adapter's files are kept, but it is not served (nor restored)
 MANIFEST_VERSION = 1
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -113,6 +115,7 @@ class StoredAdapter(AdapterFiles):
     id: str
     created_at: str
     config: dict[str, Any] = field(default_factory=dict)
+    served: bool = True  # False: unloaded (files kept, not registered at start-up)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (the manifest's fields, no paths)."""
@@ -306,6 +309,27 @@ class AdapterStore:
         shutil.rmtree(doomed, ignore_errors=True)
         logger.info("deleted adapter %s", adapter_id)
 
+    def set_served(self, adapter_id: str, served: bool) -> None:
+        """Mark an adapter served or not (unloaded: its files stay, it is not restored at start-up).
+
+        One marker file, created or removed and the directory fsynced; unloading the active adapter unsets
+        the active pointer, as a delete does."""
+        validate_adapter_id(adapter_id)
+        marker = self.root / adapter_id / UNLOADED_FILE
+        with self._lock:
+            if not (self.root / adapter_id / MANIFEST_FILE).is_file():
+                raise AdapterNotFoundError(adapter_id)
+            if served:
+                marker.unlink(missing_ok=True)
+            else:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
+                os.fsync(fd)
+                os.close(fd)
+                if self._read_active() == adapter_id:
+                    self._write_active(None)
+            _fsync_path(marker.parent)
+        logger.info("adapter %s %s", adapter_id, "served" if served else "unloaded (files kept)")
+
     # ----- active pointer -----
 
     def get_active(self) -> str | None:
@@ -389,6 +413,7 @@ class AdapterStore:
                 config_size_bytes=int(data["config_size_bytes"]),
                 created_at=data["created_at"],
                 config=dict(data.get("config") or {}),
+                served=not (path / UNLOADED_FILE).exists(),
             )
             if record.id != name:
                 return CorruptEntry(name, f"manifest id '{record.id}' does not match the directory name")

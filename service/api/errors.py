@@ -40,6 +40,11 @@ STATUS_BY_CODE: dict[str, int] = {
     "path_not_allowed": 403,
     "path_not_found": 404,
     "invalid_path": 422,
+    # adapter sources (hub, S3)
+    "invalid_source": 422,
+    "source_not_found": 404,
+    "source_access_denied": 403,
+    "source_unavailable": 502,
     # requests
     "invalid_request": 422,
     "empty_prompt": 422,

@@ -49,9 +49,20 @@ class ChatCompletionRequest(_Sampling):
 
 
 class LoadLoraRequest(BaseModel):
+    """vLLM's LoadLoRAAdapterRequest; unknown fields are refused (vLLM ignores them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     lora_name: str
-    lora_path: str
+    lora_path: str  # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
+    load_inplace: bool = False  # replace an adapter already loaded under this name
+    is_3d_lora_weight: bool = False  # vLLM's fused-MoE weight layout: only False is supported
 
 
 class UnloadLoraRequest(BaseModel):
+    """vLLM's UnloadLoRAAdapterRequest. `lora_int_id` is accepted and not used, as in vLLM (the name decides)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     lora_name: str
+    lora_int_id: int | None = None

@@ -134,8 +134,16 @@ class AdapterService(Protocol):
         """Validate, load and store an adapter from uploaded files (two PEFT files or one archive)."""
         ...
 
-    async def load_from_path(self, adapter_id: str, path: str) -> AdapterView:
-        """The same as an upload, from a directory under an operator-allowed root."""
+    async def load_from_source(self, adapter_id: str | None, source: str, replace: bool = False) -> AdapterView:
+        """The same as an upload, from a source location (app/sources: a directory under an allowed root, a hub
+        repo, s3://). An id whose files an unload kept is taken over; a served one only with `replace`
+        (vLLM's load_inplace): a no-op when the files are the same, else the new files are validated before
+        the old adapter is removed."""
+        ...
+
+    async def unload(self, adapter_id: str) -> Deletion:
+        """Stop serving an adapter (vLLM's unload_lora_adapter): freed from memory, unknown to requests and
+        listings, not restored at a restart; its stored files stay until it is loaded again or deleted."""
         ...
 
     async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:
@@ -149,6 +157,7 @@ class AdapterService(Protocol):
         ...
 
     async def delete(self, adapter_id: str) -> Deletion:
+        """Remove an adapter and its stored files (an unloaded one too)."""
         ...
 
     async def get(self, adapter_id: str) -> AdapterView:

@@ -5,7 +5,8 @@ attach (engine thread) -> commit (one atomic rename in the store) -> register. A
 the earlier ones: nothing is left in the store, the model or the registry.
 
 Delete: hide (new requests 404) -> wait for leases -> store delete (the one step that can fail; undone by
-unhiding) -> detach from the model -> unregister. Activate/deactivate: engine switch -> store pointer; a
+unhiding) -> detach from the model -> unregister. Unload is the same with the store step "mark not served"
+(files kept; not restored at start-up). Activate/deactivate: engine switch -> store pointer; a
 store failure switches the engine back.
 
 Lock discipline: event loop thread only; `_activation` serialises activations so the engine, the store and
@@ -54,6 +55,10 @@ class Lifecycle:
         stored, corrupt = self.store.scan()
         for entry in corrupt:
             log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
+        unloaded = [item.id for item in stored if not item.served]
+        if unloaded:
+            log.info("not serving %d unloaded adapter(s) kept in the store: %s", len(unloaded), ", ".join(unloaded))
+        stored = [item for item in stored if item.served]
         active = self.store.get_active()
         for item in sorted(stored, key=lambda s: (s.id != active, s.created_at)):
             record = AdapterRecord(item)
@@ -109,16 +114,20 @@ class Lifecycle:
 
     # ---- delete ------------------------------------------------------------------------------------------
 
-    async def delete(self, adapter_id: str) -> int:
-        """Hide, wait for its users, remove the files, free the tensors; the bytes freed."""
+    async def delete(self, adapter_id: str, keep_files: bool = False) -> int:
+        """Hide, wait for its users, remove the files, free the tensors; the bytes freed. With `keep_files`
+        (an unload) the files stay in the store, marked not served, instead of being removed."""
         record = self.registry.hide(adapter_id)  # new requests get 404 from now on
         start = time.perf_counter()
         try:
             await self.residency.wait_unused(adapter_id)
             async with self._activation:  # an activation under way finishes first; none starts on a hidden id
                 failpoint("delete.drained")
-                with storage_errors():
-                    await asyncio.to_thread(self.store.delete, adapter_id)  # also unsets the stored pointer
+                with storage_errors():  # either also unsets the stored active pointer
+                    if keep_files:
+                        await asyncio.to_thread(self.store.set_served, adapter_id, False)
+                    else:
+                        await asyncio.to_thread(self.store.delete, adapter_id)
                 if self.active == adapter_id:
                     await self.engine.call(lambda rt: _switch(rt, None, False))
                     self.active, self.fused = None, False
@@ -130,7 +139,8 @@ class Lifecycle:
         self.residency.forget(adapter_id)
         self.metrics.delete_seconds.observe(time.perf_counter() - start)
         self.metrics.forget_adapter(adapter_id)
-        log.info("adapter %s deleted (%d bytes freed)", adapter_id, freed)
+        log.info("adapter %s %s (%d bytes freed)", adapter_id, "unloaded, files kept" if keep_files else "deleted",
+                 freed)
         return freed
 
     # ---- activation ----------------------------------------------------------------------------------------

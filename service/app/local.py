@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import BinaryIO
 
 from ..engine import Engine, GenerationRequest
-from ..errors import InvalidMergeError
+from ..errors import AdapterExistsError, InvalidMergeError, ServiceError
 from ..failpoints import failpoint
 from ..merging import MergeSpec, merge
 from ..merging.adapter_files import write_peft_adapter
@@ -24,13 +24,13 @@ from ..metrics import ServiceMetrics
 from ..model_loading import BaseModel, load_base_model
 from ..runtime import AdapterRuntime, LoadedAdapter
 from ..settings import Settings
-from ..store import AdapterStore
+from ..store import AdapterStore, StagedAdapter
 from .admission import Admission
 from .interface import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
 from .lifecycle import Lifecycle
-from .paths import adapter_directory
 from .registry import AdapterRecord, AdapterRegistry, record_view
 from .residency import Residency
+from .sources import SourceRegistry
 from .storage_errors import storage_errors
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class LocalAdapterService:
                                    pinned=self._fused_active)
         self.lifecycle = Lifecycle(self.registry, self.residency, store, engine, self.metrics)
         self.admission = Admission(engine, self.residency, settings, self.metrics)
+        self.sources = SourceRegistry.from_settings(settings)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> LocalAdapterService:
@@ -118,15 +119,48 @@ class LocalAdapterService:
             self.registry.release(adapter_id)
         return self._view(record)
 
-    async def load_from_path(self, adapter_id: str, path: str) -> AdapterView:
-        directory = await asyncio.to_thread(adapter_directory, path, self.settings.lora_roots)
+    async def load_from_source(self, adapter_id: str | None, source: str, replace: bool = False) -> AdapterView:
+        def stage() -> StagedAdapter:
+            return self.sources.stage(self.store, source, self.settings.max_upload_bytes)
+
+        served = adapter_id is not None and adapter_id in self.registry.records
+        if served and not replace:
+            raise AdapterExistsError(adapter_id)
+        if adapter_id is None or not (served or await asyncio.to_thread(self._unloaded, adapter_id)):
+            return await self._create(adapter_id, stage)
+        # Taking over an id: a served adapter (load_inplace) or the files an unload kept.
+        with storage_errors():
+            staged = await asyncio.to_thread(stage)
+        try:
+            if served:
+                stored = self.registry.get(adapter_id).stored
+                if (stored.sha256, stored.config_sha256) == (staged.sha256, staged.config_sha256):
+                    return await self.get(adapter_id)  # the same files: nothing to do
+            # Validated before the old adapter goes: a bad replacement changes nothing.
+            await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
+            if served:
+                await self.lifecycle.delete(adapter_id)
+            else:
+                with storage_errors():
+                    await asyncio.to_thread(self.store.delete, adapter_id)
+            return await self._create(adapter_id, lambda: staged)
+        finally:
+            await asyncio.to_thread(staged.discard)  # a no-op once committed
+
+    async def _create(self, adapter_id: str | None, stage: Callable[[], StagedAdapter]) -> AdapterView:
         adapter_id = self.registry.reserve(adapter_id)
         try:
-            record = await self.lifecycle.create(
-                adapter_id, lambda: self.store.stage_directory(directory, self.settings.max_upload_bytes))
+            record = await self.lifecycle.create(adapter_id, stage)
         finally:
             self.registry.release(adapter_id)
         return self._view(record)
+
+    def _unloaded(self, adapter_id: str) -> bool:
+        """Whether the store keeps this adapter's files unloaded (not served)."""
+        try:
+            return self.store.exists(adapter_id) and not self.store.get(adapter_id).served
+        except ServiceError:
+            return False
 
     async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:
         if not sources:
@@ -154,7 +188,14 @@ class LocalAdapterService:
         return Activation(None)
 
     async def delete(self, adapter_id: str) -> Deletion:
+        if adapter_id not in self.registry.records and await asyncio.to_thread(self._unloaded, adapter_id):
+            with storage_errors():  # unloaded: only its files are left
+                await asyncio.to_thread(self.store.delete, adapter_id)
+            return Deletion(adapter_id, 0)
         return Deletion(adapter_id, await self.lifecycle.delete(adapter_id))
+
+    async def unload(self, adapter_id: str) -> Deletion:
+        return Deletion(adapter_id, await self.lifecycle.delete(adapter_id, keep_files=True))
 
     # ---- reading an adapter's tensors or files -------------------------------------------------------------
 
