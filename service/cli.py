@@ -15,7 +15,7 @@ from .settings import Settings
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
                "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
-               "lora_roots", "log_json", "api_keys_file", "log_level")
+               "lora_roots", "adapters", "log_json", "api_keys_file", "log_level")
 RAY_FLAGS = ("ray_address", "num_replicas", "max_adapters_per_replica", "replica_num_cpus", "replica_num_gpus",
              "replica_lease_s", "replica_retries")
 
@@ -62,6 +62,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
     parser.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
                         help="directory POST /v1/load_lora_adapter may load from (repeatable)")
+    parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=SOURCE",
+                        help="register an adapter at start-up (repeatable; vLLM's --lora-modules): SOURCE is "
+                             "hf://org/repo[@rev], org/repo, s3://bucket/prefix or a directory under a --lora-root")
     parser.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
     parser.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
                         help="file of '<scope> <key>' lines (scopes: admin, inference); also ADAPTER_SERVICE_API_KEYS")

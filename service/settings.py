@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     demo_cache: Path = Field(default_factory=_default_demo_cache)
     # Directories that POST /v1/load_lora_adapter may read adapters from (empty: path loading disabled).
     lora_roots: list[Path] = Field(default_factory=list)
+    # Adapters registered at start-up, "NAME=SOURCE" (vLLM's --lora-modules): SOURCE as POST /adapters takes it
+    # (hf://org/repo@rev, org/repo, s3://bucket/prefix, a directory under a lora root). Idempotent: the same
+    # files under NAME are left alone, other files replace them; a source that fails stops the start-up.
+    adapters: list[str] = Field(default_factory=list)
     log_json: bool = False  # one JSON object per log line
     # API keys as "admin:KEY,inference:KEY" and/or a file of "<scope> <key>" lines; none = open API.
     api_keys: str | None = None
@@ -69,6 +73,19 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("adapters", mode="after")
+    @classmethod
+    def _adapter_specs(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            name, sep, source = spec.partition("=")
+            if not sep or not name.strip() or not source.strip():
+                raise ValueError(f"adapter {spec!r} is not NAME=SOURCE (e.g. sql=hf://org/sql-lora@v1)")
+        return value
+
+    def adapter_specs(self) -> list[tuple[str, str]]:
+        """The start-up adapters as (name, source)."""
+        return [(name.strip(), source.strip()) for name, _, source in (s.partition("=") for s in self.adapters)]
 
     @field_validator("demo_cache", "store", mode="after")
     @classmethod

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ..app import AdapterService
+from ..app.sources import StartupAdapterError, register_startup_adapters
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from . import routes_adapters, routes_generate, routes_health, routes_metrics, routes_openai, routes_vllm
@@ -36,6 +37,12 @@ def create_app(settings: Settings, service: AdapterService | None = None, title:
 
         local = LocalAdapterService.from_settings(settings, metrics)
         local.start()
+        try:
+            await register_startup_adapters(local, settings.adapter_specs())
+        except StartupAdapterError as exc:
+            log.error("%s", exc)  # one line; the server exits (non-zero) without serving
+            local.stop()
+            raise SystemExit(1) from None
         app.state.service = local
         log.info("service ready: model %s, %d adapter(s)", local.model_name, len(local.registry.records))
         try:

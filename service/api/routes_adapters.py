@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from ..app import Activation, AdapterView
+from ..errors import InvalidRequestError
 from ..merging import MergeSpec
 from .auth import require
 from .deps import Svc
-from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, MergeRequest
+from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, MergeRequest, SourceRequest
 from .streaming import ClosingStreamingResponse
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -36,15 +38,36 @@ def merge_spec(body: MergeRequest) -> MergeSpec:
                      majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank, seed=body.seed)
 
 
-@router.post("", status_code=201, response_model=AdapterInfo, dependencies=ADMIN)
+@router.post("", status_code=201, response_model=AdapterInfo, dependencies=ADMIN,
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": SourceRequest.model_json_schema()}}}})
 async def upload_adapter(
+    request: Request,
     service: Svc,
-    files: Annotated[list[UploadFile], File(description="the two adapter files, or one archive")],
+    files: Annotated[list[UploadFile] | None, File(description="the two adapter files, or one archive")] = None,
     adapter_id: Annotated[str | None, Form()] = None,
 ) -> AdapterInfo:
-    """Upload a PEFT-format adapter; it is validated, loaded and stored atomically."""
+    """Add a PEFT-format adapter, uploaded (multipart) or fetched from a source (JSON `{"adapter_id", "source"}`:
+    hf://org/repo[@rev], org/repo, s3://bucket/prefix, or a directory under --lora-root); validated, loaded and
+    stored atomically either way."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        body = await _source_request(request)
+        return adapter_info(await service.load_from_source(body.adapter_id, body.source))
+    if not files:
+        raise InvalidRequestError("send the adapter files as multipart/form-data (field 'files'), or JSON "
+                                  '{"adapter_id", "source"} to fetch it from a source', {"field": "files"})
     # A Content-Length over the limit was refused before the body was read (middleware); the store counts bytes.
     return adapter_info(await service.upload([(f.filename or "", f.file) for f in files], adapter_id or None))
+
+
+async def _source_request(request: Request) -> SourceRequest:
+    try:
+        return SourceRequest.model_validate(await request.json())
+    except ValidationError as exc:
+        errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise InvalidRequestError("the request does not match the API schema", {"errors": errors}) from None
+    except ValueError:
+        raise InvalidRequestError("the request body is not valid JSON") from None
 
 
 @router.post("/merge", status_code=201, response_model=AdapterInfo, dependencies=ADMIN)
@@ -100,6 +123,7 @@ async def export_merged_model(adapter_id: str, service: Svc) -> ClosingStreaming
 
 @router.delete("/{adapter_id}", response_model=DeleteResponse, dependencies=ADMIN)
 async def delete_adapter(adapter_id: str, service: Svc) -> DeleteResponse:
-    """Delete an adapter: new requests get 404 at once; running ones finish first; then all is freed."""
+    """Delete an adapter and its stored files: new requests get 404 at once; running ones finish first; then all
+    is freed. An adapter unloaded with /v1/unload_lora_adapter (files kept) is deleted too."""
     deletion = await service.delete(adapter_id)
     return DeleteResponse(deleted=deletion.deleted, freed_bytes=deletion.freed_bytes)

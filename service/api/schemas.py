@@ -35,6 +35,17 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
+class SourceRequest(BaseModel):
+    """POST /adapters as JSON: fetch the adapter from a source instead of uploading it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(default=None, description="the new adapter's id (generated when absent)")
+    source: str = Field(min_length=1, max_length=2048,
+                        description="hf://org/repo[/subfolder][@revision], org/repo[@revision], s3://bucket/prefix, "
+                                    "or a directory under --lora-root")
+
+
 class AdapterInfo(BaseModel):
     id: str
     type: str

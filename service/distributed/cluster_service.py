@@ -22,8 +22,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError as ServeReplicaUnavailable
 
 from ..app import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
-from ..app.paths import adapter_directory
 from ..app.registry import adapter_view, claim_adapter_id
+from ..app.sources import SourceRegistry
 from ..app.storage_errors import storage_errors
 from ..engine import GenerationResult, TokenEvent
 from ..errors import (
@@ -38,7 +38,7 @@ from ..merging import MergeSpec
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from ..store import AdapterStore, StagedAdapter
-from .cluster_state import model_id, stored_entry
+from .cluster_state import adapter_version, model_id, stored_entry
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ClusterAdapterService:
         self.model_name = base_name
         self.store = AdapterStore(settings.store)  # the one writer, so its crash clean-up is safe here
         self.metrics = ServiceMetrics()
+        self.sources = SourceRegistry.from_settings(settings)
         self._in_use: Counter[str] = Counter()  # downloads, exports and merges reading an adapter here
         self._unused = asyncio.Condition()
 
@@ -137,10 +138,42 @@ class ClusterAdapterService:
         return await self._create(adapter_id, lambda: asyncio.to_thread(
             self.store.stage_files, files, self.settings.max_upload_bytes))
 
-    async def load_from_path(self, adapter_id: str, path: str) -> AdapterView:
-        directory = await asyncio.to_thread(adapter_directory, path, self.settings.lora_roots)
-        return await self._create(adapter_id, lambda: asyncio.to_thread(
-            self.store.stage_directory, directory, self.settings.max_upload_bytes))
+    async def load_from_source(self, adapter_id: str | None, source: str, replace: bool = False) -> AdapterView:
+        """Fetched by the ingress (the store's one writer) into its staging area, then as an upload; taking
+        over an id as `LocalAdapterService.load_from_source` does."""
+        def stage() -> Awaitable[StagedAdapter]:
+            return asyncio.to_thread(self.sources.stage, self.store, source, self.settings.max_upload_bytes)
+
+        entry = await self.state.lookup.remote(adapter_id) if adapter_id is not None else None
+        if entry is not None and not replace:
+            raise AdapterExistsError(adapter_id)
+        if adapter_id is None or not (entry is not None or await asyncio.to_thread(self._unloaded, adapter_id)):
+            return await self._create(adapter_id, stage)
+        with storage_errors():
+            staged = await stage()
+        try:
+            if entry is not None and entry["version"] == adapter_version(staged.sha256, staged.config_sha256):
+                return await self.get(adapter_id)  # the same files: nothing to do
+            # Validated on a replica before the old adapter goes: a bad replacement changes nothing.
+            checked(await self.call_replica(lambda: self.replicas.validate.remote(adapter_id, str(staged.path))))
+            if entry is not None:
+                await self.delete(adapter_id)
+            else:
+                with storage_errors():
+                    await asyncio.to_thread(self.store.delete, adapter_id)
+
+            async def staged_again() -> StagedAdapter:
+                return staged
+
+            return await self._create(adapter_id, staged_again)
+        finally:
+            await asyncio.to_thread(staged.discard)
+
+    def _unloaded(self, adapter_id: str) -> bool:
+        try:
+            return self.store.exists(adapter_id) and not self.store.get(adapter_id).served
+        except ServiceError:
+            return False
 
     async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:
         """A replica merges the sources' stored versions into a staging directory; committed like an upload."""
@@ -190,7 +223,18 @@ class ClusterAdapterService:
 
     async def delete(self, adapter_id: str) -> Deletion:
         """Hide at once, wait until every live replica freed it and the ingress's readers are done, then
-        remove the files."""
+        remove the files (an unloaded adapter's files at once)."""
+        if await self.state.lookup.remote(adapter_id) is None and await asyncio.to_thread(self._unloaded, adapter_id):
+            with storage_errors():
+                await asyncio.to_thread(self.store.delete, adapter_id)
+            return Deletion(adapter_id, 0)
+        return await self._remove(adapter_id, keep_files=False)
+
+    async def unload(self, adapter_id: str) -> Deletion:
+        """As a delete, except that the files stay in the store, marked not served."""
+        return await self._remove(adapter_id, keep_files=True)
+
+    async def _remove(self, adapter_id: str, keep_files: bool) -> Deletion:
         begun = await self.state.begin_delete.remote(adapter_id)
         if begun is None:
             raise AdapterNotFoundError(adapter_id)
@@ -204,7 +248,10 @@ class ClusterAdapterService:
             async with self._unused:
                 await self._unused.wait_for(lambda: not self._in_use.get(adapter_id))
             with storage_errors():
-                await asyncio.to_thread(self.store.delete, adapter_id)
+                if keep_files:
+                    await asyncio.to_thread(self.store.set_served, adapter_id, False)
+                else:
+                    await asyncio.to_thread(self.store.delete, adapter_id)
         except BaseException:
             await self.state.abort_delete.remote(adapter_id)
             raise

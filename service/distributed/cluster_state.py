@@ -89,7 +89,8 @@ class ClusterState:
             stored, corrupt = reader.scan()
             for entry in corrupt:
                 log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
-            self.seed([stored_entry(item) for item in stored], reader.get_active(), reader.get_active_fused())
+            served = [item for item in stored if item.served]  # unloaded ones keep their files, unserved
+            self.seed([stored_entry(item) for item in served], reader.get_active(), reader.get_active_fused())
             log.info("cluster state %s: %d adapter(s) from %s", self.incarnation, len(self.entries), store)
 
     # ---- adapters --------------------------------------------------------------------------------------

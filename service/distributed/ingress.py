@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from ..api.app import create_app
+from ..app.sources import register_startup_adapters
 from ..devtools.demo_model import DEMO_MODEL_NAME
 from ..settings import Settings
 from .cluster_service import ClusterAdapterService
@@ -29,6 +30,7 @@ class Ingress:
         await state.clear_reservations.remote()
         base_name = self.settings.model or DEMO_MODEL_NAME  # as model_loading names it
         self.service = ClusterAdapterService(self.settings, replicas, state, base_name)
+        await register_startup_adapters(self.service, self.settings.adapter_specs())  # --adapter NAME=SOURCE
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.settings, service=self.service, title="adapter-service (Ray Serve)")

@@ -94,3 +94,23 @@ class SourceRegistry:
         with ExitStack() as stack:
             files = source.open(location, max_bytes, stack)
             return store.stage_files(files, max_bytes)
+
+
+async def register_startup_adapters(service, specs: list[tuple[str, str]]) -> None:
+    """Load each (name, source) of --adapter before serving (any `AdapterService`).
+
+    Idempotent: the same files under the name are a no-op, other files replace them (the command line is what
+    the operator wants served). A source that fails raises a StartupAdapterError: the server does not start
+    half-configured (as vLLM with --lora-modules)."""
+    from ...errors import ServiceError
+
+    for name, location in specs:
+        try:
+            view = await service.load_from_source(name, location, replace=True)
+        except ServiceError as exc:
+            raise StartupAdapterError(f"--adapter {name}={location}: {exc.code}: {exc.message}") from None
+        log.info("start-up adapter %s from %s (sha256 %s)", name, location, view.sha256[:12])
+
+
+class StartupAdapterError(RuntimeError):
+    """A --adapter source could not be loaded at start-up."""
