@@ -1,5 +1,6 @@
 """How replicas read adapters: `AdapterSource.fetch(adapter_id, version)` gives a local directory holding
-exactly that version's PEFT files.
+exactly that version's PEFT files. (Not service/app/sources, which fetches new adapters from the hub, S3 or
+a directory into the store; this one reads what the store already holds.)
 
 `SharedDirectorySource` reads the store directory itself (a path every node mounts: NFS, EFS, a
 ReadWriteMany volume). An object-store backend fits behind the same method: download

@@ -142,10 +142,21 @@ def test_vllm_load_and_unload_from_an_allowed_root(cluster, oracle) -> None:
     for _ in range(NUM_REPLICAS):
         assert gen(c, "vl").json()["token_ids"] == expected
     outside = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(oracle.adapters["a5"])})
-    assert outside.status_code == 403 and outside.json()["error"]["code"] == "path_not_allowed"
+    assert outside.status_code == 403 and outside.json()["error"]["code"] == 403  # vLLM's error body
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": str(cluster.lora_root / "a6")})
+    assert r.status_code == 400 and "load_inplace" in r.json()["error"]["message"]
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": str(cluster.lora_root / "a6"),
+                                              "load_inplace": True})
+    assert r.status_code == 200, "the same files in place: a no-op"
     r = c.post("/v1/unload_lora_adapter", json={"lora_name": "vl"})
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'vl' removed successfully."
     assert c.get("/adapters/vl").status_code == 404 and gen(c, "vl").status_code == 404
+    assert (cluster.store / "vl" / "unloaded").is_file(), "unload keeps the files, marked unloaded"
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": str(cluster.lora_root / "a6")})
+    assert r.status_code == 200 and gen(c, "vl").json()["token_ids"] == expected
+    assert c.post("/v1/unload_lora_adapter", json={"lora_name": "vl"}).status_code == 200
+    assert c.delete("/adapters/vl").json() == {"deleted": "vl", "freed_bytes": 0}
+    assert not (cluster.store / "vl").exists()
 
 
 def test_merge_on_a_replica_matches_peft(cluster, oracle) -> None:
