@@ -294,6 +294,18 @@ def test_delete(store: AdapterStore) -> None:
         store.path("existing")
 
 
+def test_unloaded_marker_keeps_the_files(store: AdapterStore) -> None:
+    files = tree(store.root / "existing")
+    store.set_served("existing", False)  # vLLM's unload: not served, files kept
+    assert tree(store.root / "existing") == sorted([*files, ("unloaded", hashlib.sha256(b"").hexdigest())])
+    assert [(a.id, a.served) for a in store.scan()[0]] == [("existing", False)], "still a good entry"
+    assert store.get_active() is None, "unloading the active adapter unsets the pointer"
+    store.set_served("existing", True)
+    assert tree(store.root / "existing") == files and store.get("existing").served
+    with pytest.raises(AdapterNotFoundError):
+        store.set_served("missing", False)
+
+
 def test_scan_reports_corrupt_entries(store: AdapterStore) -> None:
     for name in ("no-weights", "bad-manifest", "sha-mismatch", "id-mismatch", "no-manifest"):
         store.commit(name, store.stage_files(two_files(1), MAX), SUMMARY)

@@ -61,7 +61,12 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         return vllm_error("the request body is not valid JSON", 400)
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses its JSON itself (to answer with vLLM's errors)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@router.post("/load_lora_adapter", response_class=PlainTextResponse, openapi_extra=_body(LoadLoraRequest))
 async def load_lora_adapter(request: Request, service: Svc) -> Any:
     """Load an adapter from `lora_path` (a directory under --lora-root, or a hub/S3 source) as `lora_name`."""
     body = await _parse(request, LoadLoraRequest)
@@ -83,7 +88,7 @@ async def load_lora_adapter(request: Request, service: Svc) -> Any:
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")  # vLLM's exact reply
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse, openapi_extra=_body(UnloadLoraRequest))
 async def unload_lora_adapter(request: Request, service: Svc) -> Any:
     """Stop serving an adapter; its stored files stay (`DELETE /adapters/{id}` removes them)."""
     body = await _parse(request, UnloadLoraRequest)

@@ -50,7 +50,12 @@ def fuzz_server(model_dir, adapters, tmp_path_factory):
     lora_root = root / "lora-root"
     for name, source in FUZZ_ADAPTERS.items():  # something /v1/load_lora_adapter may load
         shutil.copytree(adapters[source], lora_root / name)
-    proc = ServerProcess(model_dir, root / "store", *LIMITS, "--lora-root", str(lora_root))
+    # Sources the fuzzer names stay on this machine: the hub offline (404 for what the cache lacks), S3 without
+    # credentials (403 before any connection); an unreachable source would be a 502, not a server bug.
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root / "hub"), "AWS_EC2_METADATA_DISABLED": "true",
+               "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"), "AWS_CONFIG_FILE": str(root / "none"),
+               "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    proc = ServerProcess(model_dir, root / "store", *LIMITS, "--lora-root", str(lora_root), env=offline)
     proc.lora_root = lora_root
     yield proc
     proc.stop()
