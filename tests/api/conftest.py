@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from oracle import make_peft_adapter
-from peft import PeftModel
+from oracle import PeftGreedy, make_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.devtools.demo_model import ensure_demo_model
@@ -47,33 +45,9 @@ def adapters(base_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-class GreedyOracle:
-    """PEFT's greedy tokens for (adapter, prompt), EOS excluded, as the server reports them."""
-
-    def __init__(self, base_model, tokenizer, adapters: dict[str, Path]) -> None:
-        self.base_model, self.tokenizer, self.adapters = base_model, tokenizer, adapters
-        self._models: dict[str | None, torch.nn.Module] = {None: base_model}
-
-    def model(self, adapter: str | None) -> torch.nn.Module:
-        if adapter not in self._models:
-            self._models[adapter] = PeftModel.from_pretrained(
-                copy.deepcopy(self.base_model), self.adapters[adapter]
-            ).eval()
-        return self._models[adapter]
-
-    def tokens(self, adapter: str | None, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = torch.tensor([self.tokenizer(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = self.model(adapter).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[0, ids.shape[1]:].tolist()
-        eos = self.tokenizer.eos_token_id
-        return new[: new.index(eos)] if eos in new else new
-
-
 @pytest.fixture(scope="session")
-def oracle(base_model, tokenizer, adapters) -> GreedyOracle:
-    return GreedyOracle(base_model, tokenizer, adapters)
+def oracle(base_model, tokenizer, adapters) -> PeftGreedy:
+    return PeftGreedy(base_model, tokenizer, adapters)
 
 
 @pytest.fixture()
