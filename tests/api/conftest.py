@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.devtools.demo_model import ensure_demo_model
 
-from .server import ServerProcess
+from .server import ServerProcess, SharedServer
 
 ADAPTER_CONFIGS = {
     "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -19,6 +20,7 @@ ADAPTER_CONFIGS = {
                  modules_to_save=["lm_head"]),
     "gamma": dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
 }
+SERVER_FLAGS = ("--max-upload-bytes", str(8 * 1024 * 1024))  # `server` and `fresh_server`
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +57,25 @@ def store(tmp_path) -> Path:
     return tmp_path / "store"
 
 
+@pytest.fixture(scope="session")
+def shared_server(model_dir, tmp_path_factory) -> Iterator[SharedServer]:
+    shared = SharedServer(model_dir, tmp_path_factory.mktemp("shared-server"), *SERVER_FLAGS)
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture()
-def server(model_dir, store):
-    proc = ServerProcess(model_dir, store, "--max-upload-bytes", str(8 * 1024 * 1024))
+def server(shared_server) -> Iterator[ServerProcess]:
+    """A running server on default settings with an empty store (its own in `server.store`), shared between
+    tests: whatever a test creates is deleted after it, so tests stay independent (see SharedServer)."""
+    yield shared_server.get()
+    shared_server.reset()
+
+
+@pytest.fixture()
+def fresh_server(model_dir, store) -> Iterator[ServerProcess]:
+    """A server process of this test's own, on the same settings as `server` (for process-wide counters)."""
+    proc = ServerProcess(model_dir, store, *SERVER_FLAGS)
     yield proc
     proc.stop()
 

@@ -88,14 +88,10 @@ def test_molora_lifecycle_over_http(plugin_server, base_model, tokenizer, tmp_pa
     assert generate(c, "lora")["token_ids"] == lora_expected
 
 
-def test_server_without_the_plugin_names_installed_types(model_dir, base_model, tmp_path) -> None:
-    proc = ServerProcess(model_dir, tmp_path / "store")
-    try:
-        adapter = write_molora(tmp_path / "moe", random_molora(base_model, MODULES), lora_alpha=8, top_k=2)
-        r = upload(proc.client, adapter, "moe")
-        assert r.status_code == 422, r.text
-        message = r.json()["error"]["message"]
-        assert "'MOLORA'" in message and all(t in message for t in ("LORA", "IA3", "LOHA"))
-        assert tree(tmp_path / "store" / "moe") == [] and proc.client.get("/adapters").json()["adapters"] == []
-    finally:
-        proc.stop()
+def test_server_without_the_plugin_names_installed_types(server, base_model, tmp_path) -> None:
+    adapter = write_molora(tmp_path / "moe", random_molora(base_model, MODULES), lora_alpha=8, top_k=2)
+    r = upload(server.client, adapter, "moe")
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "'MOLORA'" in message and all(t in message for t in ("LORA", "IA3", "LOHA"))
+    assert tree(server.store / "moe") == [] and server.client.get("/adapters").json()["adapters"] == []
