@@ -67,6 +67,51 @@ def peft_logits(base: torch.nn.Module, adapter_dir: Path, ids: torch.Tensor) -> 
         return model(input_ids=ids).logits
 
 
+def greedy_tokens(model: torch.nn.Module, ids: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """`model.generate`'s greedy continuation of one unpadded prompt, as the server reports it: EOS and all after
+    it excluded."""
+    prompt = torch.tensor([ids])  # (1, L)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    new = out[0, prompt.shape[1]:].tolist()
+    return new[: new.index(eos_token_id)] if eos_token_id in new else new
+
+
+class PeftGreedy:
+    """PEFT's greedy tokens for (adapter, prompt), the oracle of every end-to-end generation test.
+
+    `adapters` maps names to PEFT adapter directories; the name `None` is the base model alone. Each adapter's
+    `PeftModel` is built once, on a copy of the base, and kept."""
+
+    def __init__(self, base_model: torch.nn.Module, tokenizer, adapters: dict[str, Path]) -> None:
+        self.base_model, self.tokenizer = base_model, tokenizer
+        self.adapters = dict(adapters)
+        self._models: dict[str | None, torch.nn.Module] = {None: base_model}
+
+    def add(self, name: str, adapter_dir: Path | None = None, model: torch.nn.Module | None = None) -> None:
+        """Another adapter: a PEFT directory, or a model the test built itself (e.g. PEFT's weighted merge)."""
+        if (adapter_dir is None) == (model is None):
+            raise ValueError("give exactly one of adapter_dir and model")
+        self._models.pop(name, None)
+        if adapter_dir is not None:
+            self.adapters[name] = adapter_dir
+        else:
+            self._models[name] = model.eval()
+
+    def model(self, adapter: str | None) -> torch.nn.Module:
+        if adapter not in self._models:
+            self._models[adapter] = PeftModel.from_pretrained(
+                copy.deepcopy(self.base_model), self.adapters[adapter]
+            ).eval()
+        return self._models[adapter]
+
+    def tokens(self, adapter: str | None, prompt: str | list[int], max_new_tokens: int) -> list[int]:
+        """Greedy new tokens, EOS excluded; `prompt` is text (tokenized as the server does) or token ids."""
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        return greedy_tokens(self.model(adapter), ids, max_new_tokens, self.tokenizer.eos_token_id)
+
+
 def input_ids(batch: int = 3, length: int = 7, seed: int = 5) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=gen)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from oracle import make_peft_adapter
-from peft import PeftModel
+from oracle import PeftGreedy, make_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.devtools.demo_model import ensure_demo_model
 
-from .server import ServerProcess
+from .server import ServerProcess, SharedServer
 
 ADAPTER_CONFIGS = {
     "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -21,6 +20,7 @@ ADAPTER_CONFIGS = {
                  modules_to_save=["lm_head"]),
     "gamma": dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
 }
+SERVER_FLAGS = ("--max-upload-bytes", str(8 * 1024 * 1024))  # `server` and `fresh_server`
 
 
 @pytest.fixture(scope="session")
@@ -47,33 +47,9 @@ def adapters(base_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-class GreedyOracle:
-    """PEFT's greedy tokens for (adapter, prompt), EOS excluded, as the server reports them."""
-
-    def __init__(self, base_model, tokenizer, adapters: dict[str, Path]) -> None:
-        self.base_model, self.tokenizer, self.adapters = base_model, tokenizer, adapters
-        self._models: dict[str | None, torch.nn.Module] = {None: base_model}
-
-    def model(self, adapter: str | None) -> torch.nn.Module:
-        if adapter not in self._models:
-            self._models[adapter] = PeftModel.from_pretrained(
-                copy.deepcopy(self.base_model), self.adapters[adapter]
-            ).eval()
-        return self._models[adapter]
-
-    def tokens(self, adapter: str | None, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = torch.tensor([self.tokenizer(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = self.model(adapter).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[0, ids.shape[1]:].tolist()
-        eos = self.tokenizer.eos_token_id
-        return new[: new.index(eos)] if eos in new else new
-
-
 @pytest.fixture(scope="session")
-def oracle(base_model, tokenizer, adapters) -> GreedyOracle:
-    return GreedyOracle(base_model, tokenizer, adapters)
+def oracle(base_model, tokenizer, adapters) -> PeftGreedy:
+    return PeftGreedy(base_model, tokenizer, adapters)
 
 
 @pytest.fixture()
@@ -81,9 +57,25 @@ def store(tmp_path) -> Path:
     return tmp_path / "store"
 
 
+@pytest.fixture(scope="session")
+def shared_server(model_dir, tmp_path_factory) -> Iterator[SharedServer]:
+    shared = SharedServer(model_dir, tmp_path_factory.mktemp("shared-server"), *SERVER_FLAGS)
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture()
-def server(model_dir, store):
-    proc = ServerProcess(model_dir, store, "--max-upload-bytes", str(8 * 1024 * 1024))
+def server(shared_server) -> Iterator[ServerProcess]:
+    """A running server on default settings with an empty store (its own in `server.store`), shared between
+    tests: whatever a test creates is deleted after it, so tests stay independent (see SharedServer)."""
+    yield shared_server.get()
+    shared_server.reset()
+
+
+@pytest.fixture()
+def fresh_server(model_dir, store) -> Iterator[ServerProcess]:
+    """A server process of this test's own, on the same settings as `server` (for process-wide counters)."""
+    proc = ServerProcess(model_dir, store, *SERVER_FLAGS)
     yield proc
     proc.stop()
 

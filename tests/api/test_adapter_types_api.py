@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import ThreadPoolExecutor
 
 from oracle import make_peft_adapter
-from peft import IA3Config, LoHaConfig, PeftModel
+from peft import IA3Config, LoHaConfig
 
 from .conftest import upload
 from .test_api import PROMPT, gen
@@ -32,11 +31,9 @@ def test_ia3_and_loha_serve_beside_lora(server, base_model, oracle, adapters, tm
         infos[name] = r.json()
     assert infos["ia3"]["type"] == "IA3" and infos["loha"]["type"] == "LOHA" and infos["loha"]["rank"] == 4
 
-    def peft_tokens(name: str) -> list[int]:
-        oracle._models.setdefault(name, PeftModel.from_pretrained(copy.deepcopy(base_model), dirs[name]).eval())
-        return oracle.tokens(name, PROMPT, NEW_TOKENS)
-
-    expected = {name: peft_tokens(name) for name in ("ia3", "loha")}
+    for name in ("ia3", "loha"):
+        oracle.add(name, dirs[name])
+    expected = {name: oracle.tokens(name, PROMPT, NEW_TOKENS) for name in ("ia3", "loha")}
     expected["alpha"] = oracle.tokens("alpha", PROMPT, NEW_TOKENS)
     base_tokens = oracle.tokens(None, PROMPT, NEW_TOKENS)
     assert all(tokens != base_tokens for tokens in expected.values()), "each adapter must change the output"

@@ -29,8 +29,8 @@ def test_health_and_empty_state(server) -> None:
     assert server.client.get("/adapters").json() == {"adapters": [], "active": None}
 
 
-def test_upload_activate_generate_delete(server, adapters, oracle, store) -> None:
-    c = server.client
+def test_upload_activate_generate_delete(server, adapters, oracle) -> None:
+    c, store = server.client, server.store
     r = upload(c, adapters["beta"], "beta")
     assert r.status_code == 201, r.text
     info = r.json()
@@ -124,8 +124,8 @@ def _zip(entries: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_uploads_change_nothing(server, adapters, store) -> None:
-    c = server.client
+def test_bad_uploads_change_nothing(server, adapters) -> None:
+    c, store = server.client, server.store
     assert upload(c, adapters["alpha"], "keep").status_code == 201
     before_tree, before_list = tree(store), c.get("/adapters").json()
     config = (adapters["alpha"] / "adapter_config.json").read_bytes()
@@ -173,8 +173,8 @@ def test_request_errors_are_json(server) -> None:
     assert c.get("/nowhere").json()["error"]["code"] == "not_found"
 
 
-def test_delete_while_requests_run(server, adapters, store) -> None:
-    c = server.client
+def test_delete_while_requests_run(server, adapters) -> None:
+    c, store = server.client, server.store
     assert upload(c, adapters["gamma"], "gamma").status_code == 201
     long_result: dict = {}
     runner = threading.Thread(

@@ -5,28 +5,45 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
 from .conftest import upload
-from .server import ServerProcess
+from .server import ServerProcess, SharedServer
 from .test_api import gen
 
 
-@pytest.fixture()
-def lora_root(tmp_path, adapters):
-    root = tmp_path / "loras"
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory, adapters) -> Path:
+    root = tmp_path_factory.mktemp("ops") / "loras"
     root.mkdir()
     shutil.copytree(adapters["alpha"], root / "alpha")
     return root
 
 
+@pytest.fixture(scope="module")
+def shared_ops_server(model_dir, lora_root, tmp_path_factory) -> Iterator[SharedServer]:
+    shared = SharedServer(model_dir, tmp_path_factory.mktemp("ops-server"), "--lora-root", str(lora_root),
+                          "--log-json")
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture()
-def ops_server(model_dir, tmp_path, lora_root):
-    proc = ServerProcess(model_dir, tmp_path / "store", "--lora-root", str(lora_root), "--log-json")
-    yield proc
-    proc.stop()
+def ops_server(shared_ops_server, lora_root) -> Iterator[ServerProcess]:
+    """A server with a lora root and JSON logs, shared by this module's tests (cleaned after each, root too)."""
+    yield shared_ops_server.get()
+    shared_ops_server.reset()
+    for entry in lora_root.iterdir():
+        if entry.name == "alpha":
+            continue
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry)
 
 
 def test_openai_client(server, adapters) -> None:
@@ -89,8 +106,8 @@ def _metric(text: str, name: str, **labels) -> float:
     raise AssertionError(f"{name} {labels} not found")
 
 
-def test_metrics(server, adapters) -> None:
-    c = server.client
+def test_metrics(fresh_server, adapters) -> None:
+    c = fresh_server.client  # counters are process-wide: exact counts need a process of its own
     assert upload(c, adapters["alpha"], "alpha").status_code == 201
     for _ in range(2):
         assert gen(c, "Hello adapters", "alpha", max_new_tokens=5, ignore_eos=True).status_code == 200

@@ -15,8 +15,8 @@ from .conftest import tree, upload
 from .test_api import PROMPT, gen
 
 
-def test_merge_creates_a_normal_adapter(server, adapters, store) -> None:
-    c = server.client
+def test_merge_creates_a_normal_adapter(server, adapters) -> None:
+    c, store = server.client, server.store
     for name in ("alpha", "beta"):
         assert upload(c, adapters[name], name).status_code == 201
     body = {"adapter_id": "mix", "sources": [{"adapter_id": "alpha", "weight": 0.6},

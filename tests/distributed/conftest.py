@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api.conftest import GreedyOracle
-from oracle import make_peft_adapter
+from oracle import PeftGreedy, make_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.devtools.demo_model import ensure_demo_model
@@ -61,14 +60,14 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def oracle(model_dir, tmp_path_factory) -> GreedyOracle:
+def oracle(model_dir, tmp_path_factory) -> PeftGreedy:
     import torch
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     root = tmp_path_factory.mktemp("peft-adapters")
     adapters = {f"a{i}": make_peft_adapter(base, root / f"a{i}", seed=100 + i, r=4, lora_alpha=8,
                                            target_modules=["q_proj", "v_proj"]) for i in range(8)}
-    return GreedyOracle(base, AutoTokenizer.from_pretrained(model_dir), adapters)
+    return PeftGreedy(base, AutoTokenizer.from_pretrained(model_dir), adapters)
 
 
 @pytest.fixture(scope="module")  # Ray stops as soon as its module is done, not at the end of the whole run

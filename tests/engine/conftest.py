@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-from oracle import make_peft_adapter
-from peft import PeftModel
+from oracle import PeftGreedy, make_peft_adapter
 
 from service.devtools.demo_model import build_demo_model, build_demo_tokenizer
 from service.engine import Engine
@@ -39,20 +37,7 @@ def demo_adapters(demo_base, tmp_path_factory):
 @pytest.fixture(scope="session")
 def peft_greedy(demo_base, demo_tokenizer, demo_adapters):
     """PEFT's greedy continuation of a prompt (EOS excluded), one prompt at a time with no padding."""
-    models: dict = {None: demo_base}
-
-    def run(adapter: str | None, prompt: str, max_new_tokens: int) -> list[int]:
-        if adapter not in models:
-            models[adapter] = PeftModel.from_pretrained(copy.deepcopy(demo_base), demo_adapters[adapter]).eval()
-        ids = torch.tensor([demo_tokenizer(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = models[adapter].generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                           max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[0, ids.shape[1]:].tolist()
-        eos = demo_tokenizer.eos_token_id
-        return new[: new.index(eos)] if eos in new else new
-
-    return run
+    return PeftGreedy(demo_base, demo_tokenizer, demo_adapters).tokens
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api.conftest import base_model, model_dir, tokenizer  # noqa: F401  (shared fixtures)
+from api.conftest import base_model, model_dir, server, shared_server, tokenizer  # noqa: F401  (shared fixtures)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "molora"
 

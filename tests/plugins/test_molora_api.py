@@ -4,17 +4,14 @@ types in a server without it."""
 
 from __future__ import annotations
 
-import copy
 import io
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from api.conftest import tree, upload
 from api.server import ServerProcess
-from oracle import make_peft_adapter
-from peft import PeftModel
+from oracle import PeftGreedy, make_peft_adapter
 
 from .conftest import plugin_env
 from .molora_reference import random_molora, reference_model, write_molora
@@ -22,15 +19,6 @@ from .molora_reference import random_molora, reference_model, write_molora
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
 PROMPT = "Mixture of experts"
 NEW_TOKENS = 10
-
-
-def greedy(model: torch.nn.Module, tokenizer, prompt: str) -> list[int]:
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
-    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
 
 
 def generate(client, adapter_id: str | None) -> dict:
@@ -55,8 +43,9 @@ def test_molora_lifecycle_over_http(plugin_server, base_model, tokenizer, tmp_pa
     info = r.json()
     assert info["type"] == "MOLORA" and info["rank"] == 4 and info["resident_bytes"] > 0
 
-    reference = reference_model(base_model, experts, lora_alpha=16, top_k=2, temperature=0.8)
-    expected, base_expected = greedy(reference, tokenizer, PROMPT), greedy(base_model, tokenizer, PROMPT)
+    oracle = PeftGreedy(base_model, tokenizer, {})
+    oracle.add("moe", model=reference_model(base_model, experts, lora_alpha=16, top_k=2, temperature=0.8))
+    expected, base_expected = oracle.tokens("moe", PROMPT, NEW_TOKENS), oracle.tokens(None, PROMPT, NEW_TOKENS)
     assert expected != base_expected
     assert generate(c, "moe")["token_ids"] == expected
 
@@ -64,7 +53,8 @@ def test_molora_lifecycle_over_http(plugin_server, base_model, tokenizer, tmp_pa
     lora_dir = make_peft_adapter(base_model, tmp_path / "lora", r=4, lora_alpha=8,
                                  target_modules=["q_proj", "o_proj"])
     assert upload(c, lora_dir, "lora").status_code == 201
-    lora_expected = greedy(PeftModel.from_pretrained(copy.deepcopy(base_model), lora_dir).eval(), tokenizer, PROMPT)
+    oracle.add("lora", lora_dir)
+    lora_expected = oracle.tokens("lora", PROMPT, NEW_TOKENS)
     with ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda a: generate(c, a)["token_ids"], ["moe", "lora", None] * 2))
     assert outs == [expected, lora_expected, base_expected] * 2
@@ -98,14 +88,10 @@ def test_molora_lifecycle_over_http(plugin_server, base_model, tokenizer, tmp_pa
     assert generate(c, "lora")["token_ids"] == lora_expected
 
 
-def test_server_without_the_plugin_names_installed_types(model_dir, base_model, tmp_path) -> None:
-    proc = ServerProcess(model_dir, tmp_path / "store")
-    try:
-        adapter = write_molora(tmp_path / "moe", random_molora(base_model, MODULES), lora_alpha=8, top_k=2)
-        r = upload(proc.client, adapter, "moe")
-        assert r.status_code == 422, r.text
-        message = r.json()["error"]["message"]
-        assert "'MOLORA'" in message and all(t in message for t in ("LORA", "IA3", "LOHA"))
-        assert tree(tmp_path / "store" / "moe") == [] and proc.client.get("/adapters").json()["adapters"] == []
-    finally:
-        proc.stop()
+def test_server_without_the_plugin_names_installed_types(server, base_model, tmp_path) -> None:
+    adapter = write_molora(tmp_path / "moe", random_molora(base_model, MODULES), lora_alpha=8, top_k=2)
+    r = upload(server.client, adapter, "moe")
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "'MOLORA'" in message and all(t in message for t in ("LORA", "IA3", "LOHA"))
+    assert tree(server.store / "moe") == [] and server.client.get("/adapters").json()["adapters"] == []
