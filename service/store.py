@@ -220,9 +220,11 @@ class AdapterStore:
                 raise AdapterExistsError(adapter_id)
             data = {"manifest_version": MANIFEST_VERSION, **record.to_dict()}
             manifest.write_text(json.dumps(data, indent=2))
-            # Data must be durable before the rename publishes the directory.
+            # Data must be durable before the rename publishes the directory: each file, and the directory's
+            # own entries (without them a crash could leave a published directory missing a file).
             for name in (*ACCEPTED_NAMES, MANIFEST_FILE):
                 _fsync_path(staged.path / name)
+            _fsync_path(staged.path)
             failpoint("commit.before_rename")
             try:
                 # Fails on a non-empty target, so a concurrent commit of the same id cannot be overwritten.
