@@ -86,7 +86,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn
+    """Take the store's lock, bind the port, then build the app (its lifespan loads the model and the store).
+
+    Each of the first two steps fails in about a second with one line on stderr, before anything heavy runs
+    and before the store is touched: a second server on the same store must not clean up the first one's
+    uploads, and a busy port must not cost a model load first.
+    """
+    from .http_server import listen, run
+    from .store_lock import StoreLock, StoreLockedError
+
+    try:
+        lock = StoreLock(settings.store).acquire()  # held until the process exits
+    except StoreLockedError as exc:
+        sys.exit(f"error: {exc.message}; stop it first, or serve another --store")
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        sys.exit(f"error: cannot listen on {settings.host}:{settings.port}: {(exc.strerror or str(exc)).lower()}")
 
     from .api.app import create_app
     from .logging_setup import configure_logging
@@ -96,8 +112,10 @@ def _serve(settings: Settings) -> None:
         logging.getLogger(__name__).warning(
             "SERVING ON %s WITHOUT API KEYS: anyone who can reach this address can upload, delete and run "
             "adapters. Set ADAPTER_SERVICE_API_KEYS or --api-keys-file.", settings.host)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, log_config=None)  # our middleware logs each request with its id
+    try:
+        run(create_app(settings), sock, settings.log_level)
+    finally:
+        lock.release()
 
 
 def _serve_ray(settings: Settings) -> None:

@@ -128,9 +128,13 @@ class StoreError(ServiceError):
 
 
 class StoreLockedError(ServiceError):
-    """Another server process holds the store."""
+    """Another server process holds the store (its lock, see service/store_lock.py)."""
 
     code = "store_locked"
+
+    def __init__(self, root: object, pid: int | None) -> None:
+        holder = f" (pid {pid})" if pid is not None else ""
+        super().__init__(f"the store {root} is in use by another server{holder}", {"store": str(root), "pid": pid})
 
 
 # ---- server paths (vLLM's load_lora_adapter) --------------------------------------------------------------

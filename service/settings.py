@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: `serve` checks its store and port first
+    import torch
 
 MiB = 1024 * 1024
 
@@ -94,6 +96,8 @@ class Settings(BaseSettings):
 
     def resolve_device(self) -> torch.device:
         """The torch device to run on; `auto` picks CUDA when available."""
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -102,6 +106,8 @@ class Settings(BaseSettings):
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """The model dtype; `auto`: float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported)."""
+        import torch
+
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
         if device.type == "cuda":

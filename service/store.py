@@ -6,6 +6,7 @@ Layout under the root:
     .staging/   uploads being received (same filesystem, so commit is a single rename)
     .trash/     adapters being deleted (renamed here first, so a crash never leaves a half-deleted one)
     active.json {"active": id | null}
+    .lock       held by the one process that writes the store (service/store_lock.py)
 
 An adapter directory therefore either exists complete (manifest included) or not at all. Uploads are
 streamed to disk in chunks under a byte budget; archives are extracted member by member with every path
@@ -23,6 +24,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import weakref
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Any, BinaryIO
 
 from service.failpoints import failpoint
 from service.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from service.store_lock import StoreLock
 from service.store_upload import ACCEPTED_NAMES, file_digest, receive_upload
 
 from .errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError, ServiceError, StoreError
@@ -146,15 +149,21 @@ class AdapterStore:
 
         Readers that share the directory with a writing process (Ray Serve replicas, see
         service/distributed/) must not recover: the clean-up would delete that writer's in-progress uploads.
+        A writer (`recover=True`) first takes the store's process lock (StoreLockedError if another process
+        holds it, before anything is touched) and holds it until `close`; holds within one process share
+        the lock, so `serve` can take it before it binds its port.
         """
         self.root = Path(root)
         self.staging = self.root / ".staging"
         self.trash = self.root / ".trash"
         self._lock = threading.Lock()
+        self._process_lock = StoreLock(self.root)
         if not recover:
             return
-        for folder in (self.root, self.staging, self.trash):
-            folder.mkdir(parents=True, exist_ok=True)
+        self._process_lock.acquire()
+        weakref.finalize(self, self._process_lock.release_soon)  # a store dropped without close() lets go too
+        for folder in (self.staging, self.trash):
+            folder.mkdir(exist_ok=True)
         # Crash recovery: whatever is left in staging or trash belongs to no live operation of this store.
         for folder in (self.staging, self.trash):
             for entry in folder.iterdir():
@@ -169,6 +178,10 @@ class AdapterStore:
         if active is not None and not self.exists(active):
             logger.warning("active adapter %r is not in the store; unsetting it", active)
             self._write_active(None)
+
+    def close(self) -> None:
+        """Release this store's hold on the process lock (a writer's; a no-op for a reader). Idempotent."""
+        self._process_lock.release()
 
     # ----- uploads -----
 
@@ -218,9 +231,11 @@ class AdapterStore:
                 raise AdapterExistsError(adapter_id)
             data = {"manifest_version": MANIFEST_VERSION, **record.to_dict()}
             manifest.write_text(json.dumps(data, indent=2))
-            # Data must be durable before the rename publishes the directory.
+            # Data must be durable before the rename publishes the directory: each file, and the directory's
+            # own entries (without them a crash could leave a published directory missing a file).
             for name in (*ACCEPTED_NAMES, MANIFEST_FILE):
                 _fsync_path(staged.path / name)
+            _fsync_path(staged.path)
             failpoint("commit.before_rename")
             try:
                 # Fails on a non-empty target, so a concurrent commit of the same id cannot be overwritten.

@@ -68,7 +68,7 @@ def check_consistent(server: ServerProcess, store: Path, expected: Expected) -> 
     assert leftovers(store) == [], "restart must clean .staging/ and .trash/"
     on_disk = {p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert on_disk == expected.present
-    assert {p.name for p in store.iterdir() if not p.is_dir()} <= {"active.json"}
+    assert {p.name for p in store.iterdir() if not p.is_dir()} <= {"active.json", ".lock"}
     listed = server.client.get("/adapters").json()
     assert {a["id"] for a in listed["adapters"]} == expected.present
     assert listed["active"] == expected.active
@@ -241,6 +241,7 @@ def test_crash_between_delete_and_pointer_update_never_revives_the_active_adapte
     store = AdapterStore(root)
     store.commit("alpha", store.stage_directory(adapters["alpha"]), {})
     store.set_active("alpha")
+    store.close()  # one writing process per store: the crashing process below takes the lock
     script = "import sys; from service.store import AdapterStore; AdapterStore(sys.argv[1]).delete('alpha')"
     proc = subprocess.run([sys.executable, "-c", script, str(root)], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, ENV_VAR: "delete.in_trash"})
