@@ -92,7 +92,7 @@ def _serve(settings: Settings) -> None:
     and before the store is touched: a second server on the same store must not clean up the first one's
     uploads, and a busy port must not cost a model load first.
     """
-    from .http_server import listen, run
+    from .api.server import listen, run
     from .store_lock import StoreLock, StoreLockedError
 
     try:
