@@ -381,6 +381,9 @@ class AdapterStore:
         return value if isinstance(value, str) else None
 
     def _write_active(self, adapter_id: str | None, fused: bool = False) -> None:
+        if adapter_id is None:
+            self._clear_active()
+            return
         # Temp file in staging (same filesystem, cleaned on start), then os.replace: readers see old or new.
         fd, tmp = tempfile.mkstemp(prefix="active-", suffix=".json", dir=self.staging)
         target, previous = self.root / ACTIVE_FILE, Path(tmp + ".previous")
@@ -404,6 +407,21 @@ class AdapterStore:
         finally:
             Path(tmp).unlink(missing_ok=True)
             previous.unlink(missing_ok=True)
+
+    def _clear_active(self) -> None:
+        """No active adapter = no pointer file. Moving it aside needs no free space, so deleting or deactivating
+        the active adapter works on a full disk too; an error puts it back."""
+        target = self.root / ACTIVE_FILE
+        if not target.exists():
+            return
+        aside = self.staging / f"active-cleared-{secrets.token_hex(4)}.json"
+        os.rename(target, aside)
+        try:
+            _fsync_path(self.root)
+        except BaseException:
+            _undo_rename(aside, target)
+            raise
+        aside.unlink(missing_ok=True)
 
     # ----- internals -----
 

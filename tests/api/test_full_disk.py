@@ -76,5 +76,13 @@ def test_full_disk_is_507_and_changes_nothing(model_dir, adapters, tiny_disk) ->
         for name in ("alpha", "beta"):
             assert upload(c, adapters[name], name).status_code == 201
         assert c.put("/adapters/alpha/activate", params={"fuse": "true"}).json() == {"active": "alpha", "fused": True}
+
+        fill(tiny_disk / "filler")  # full again: the way out (deactivate, delete the active adapter) needs no space
+        assert c.delete("/adapters/active").json() == {"active": None}
+        (tiny_disk / "filler").unlink()
+        assert c.put("/adapters/beta/activate").status_code == 200
+        fill(tiny_disk / "filler")
+        assert c.delete("/adapters/beta").status_code == 200, "deleting the active adapter on a full disk"
+        assert c.get("/adapters").json()["active"] is None and c.get("/adapters/beta").status_code == 404
     finally:
         server.stop()
