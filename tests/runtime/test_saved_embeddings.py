@@ -176,6 +176,45 @@ def test_fused_adapter_with_own_embeddings_matches_peft(tmp_path) -> None:
     torch.testing.assert_close(_logits(runtime, "own", ids), peft_logits(base, adapter, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_exported_checkpoint_carries_the_adapters_embeddings(tmp_path) -> None:
+    """The merged checkpoint (GET .../export) is the adapter as served: its own embeddings, LoRA on top."""
+    import io
+    import tarfile
+
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from service.merging.export import MergedCheckpoint, stream_checkpoint_tar
+
+    base = tiny_model("llama")
+    adapter = _saved_with_embeddings(base, tmp_path / "own", change_rows=True, r=2, lora_alpha=4,
+                                     target_modules=["q_proj", "embed_tokens"])
+    model = copy.deepcopy(base)
+    runtime = AdapterRuntime(model)
+    loaded = runtime.load("own", adapter)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    data = b"".join(stream_checkpoint_tar(MergedCheckpoint(model, runtime.index, loaded), tok, "merged"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(tmp_path / "out", filter="data")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged", dtype=torch.float32).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        got = exported(input_ids=ids).logits
+    torch.testing.assert_close(got, peft_logits(base, adapter, ids), rtol=0, atol=1e-5)
+
+
+def test_weighted_merge_refuses_sources_with_own_embeddings(tmp_path) -> None:
+    from service.merging import MergeError, MergeSpec, merge
+
+    base = tiny_model("llama")
+    own = _saved_with_embeddings(base, tmp_path / "own", change_rows=True, r=2, target_modules=["q_proj"])
+    plain = make_peft_adapter(base, tmp_path / "plain", r=2, target_modules=["q_proj"])
+    runtime = AdapterRuntime(copy.deepcopy(base))
+    sources = [runtime.load("own", own), runtime.load("plain", plain)]
+    with pytest.raises(MergeError, match="save_embedding_layers"):
+        merge(sources, MergeSpec("linear", [1, 1]), runtime.index.modules)
+
+
 def test_resized_vocabulary_is_refused_naming_both_sizes(tmp_path) -> None:
     """PEFT's default save_embedding_layers="auto" writes the embeddings because the vocabulary was resized;
     PEFT cannot load the file onto the unresized base either (a size mismatch error)."""
