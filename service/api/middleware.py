@@ -41,7 +41,9 @@ def install_request_middleware(
             adapter = getattr(request.state, "adapter_id", "")
             metrics.requests.labels(endpoint, request.method, str(status), adapter).inc()
             metrics.latency.labels(endpoint).observe(elapsed)
-            log.info("%s %s -> %d in %.1f ms", request.method, request.url.path, status, elapsed * 1000,
+            # The adapter that was asked for (even one that does not exist): who asked for what, in every format.
+            log.info("%s %s -> %d in %.1f ms adapter=%s", request.method, request.url.path, status, elapsed * 1000,
+                     adapter or "-",
                      extra={"method": request.method, "path": request.url.path, "status": status,
                             "duration_ms": round(elapsed * 1000, 3), "adapter": adapter})
             request_id_var.reset(token)

@@ -36,6 +36,7 @@ class AdapterView:
     created_at: str
     resident: bool
     load_ms: float | None
+    warnings: list[str] = field(default_factory=list)  # the upload's load report warnings
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class LocalAdapterService:
     def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> LocalAdapterService:
         """Load the model, open (and recover) the store, restore its adapters; the engine is not started."""
         base = load_base_model(settings)
-        runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank)
+        runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank, model_name=base.name)
         engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=settings.max_batch_size,
                         max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget)
         service = cls(settings, base, engine, AdapterStore(settings.store), metrics)

@@ -63,7 +63,8 @@ class AdapterReplica:
     async def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
         self.base = load_base_model(self.settings)
-        runtime = AdapterRuntime(self.base.model, max_rank=self.settings.max_adapter_rank)
+        runtime = AdapterRuntime(self.base.model, max_rank=self.settings.max_adapter_rank,
+                                 model_name=self.base.name)
         self.engine = Engine(self.base.model, self.base.tokenizer, runtime, max_batch_size=self.settings.max_batch_size,
                              max_waiting=self.settings.max_waiting_requests,
                              prefill_token_budget=self.settings.prefill_token_budget)
@@ -217,7 +218,7 @@ class AdapterReplica:
             prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, Path(staged))
         except ServiceError as exc:
             return error_reply(exc)
-        summary = {**prepared.config.summary(), "rank": prepared.rank}
+        summary = {**prepared.config.summary(), "rank": prepared.rank, "warnings": prepared.report.warnings}
         return {"summary": summary, "resident_bytes": prepared.resident_bytes, "replica": self.replica_id}
 
     async def merge(self, sources: list[str], spec: MergeSpec, directory: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class MergedCheckpoint:
             keys.update(f"{name}.{param}" for param in module.merged_parameter_names(self.index.modules[name]))
         for name in self.adapter.replacements:
             keys.update(k for k in self.index.state if k.startswith(name + "."))
+        keys.update(f"{name}.weight" for name in self.adapter.base_overrides)
         return keys
 
     def _dedupe_tied(self, changed: set[str]) -> tuple[list[str], bool]:
@@ -79,9 +80,13 @@ class MergedCheckpoint:
         for name, module in self.adapter.replacements.items():
             if key.startswith(name + "."):
                 return module.state_dict()[key[len(name) + 1:]]
+        # The adapter's own embedding weights (save_embedding_layers) replace the base's; LoRA sits on top.
+        base = self.adapter.base_overrides.get(module_name, self.index.modules.get(module_name))
         module = self.adapter.modules.get(module_name)
-        if module is not None and attr in module.merged_parameter_names(self.index.modules[module_name]):
-            return module.merged_parameters(self.index.modules[module_name])[attr]
+        if module is not None and attr in module.merged_parameter_names(base):
+            return module.merged_parameters(base)[attr]
+        if module_name in self.adapter.base_overrides and attr == "weight":
+            return base.weight
         return self._base_tensor(key)
 
     def safetensors_chunks(self) -> tuple[int, Iterator[bytes]]:

@@ -69,6 +69,10 @@ def check(sources: list[LoadedAdapter], spec: MergeSpec) -> tuple[str, int]:
         reasons.append(f"method '{method}' needs 'density'")
     if spec.density is not None and not 0 <= spec.density <= 1:
         reasons.append("density must be in [0, 1]")
+    elif spec.density == 0 and method.startswith("dare"):
+        # DARE keeps each entry with probability `density` and divides the kept ones by it: 0/0 everywhere.
+        reasons.append(f"density must be above 0 for method '{method}' (DARE rescales the kept entries by "
+                       "1/density, so density 0 keeps nothing and divides by zero)")
     if spec.majority_sign_method not in ("total", "frequency"):
         reasons.append("majority_sign_method must be 'total' or 'frequency'")
     unsupported = [f"'{a.adapter_id}' is {a.adapter_type.peft_type}" for a in sources
@@ -78,6 +82,11 @@ def check(sources: list[LoadedAdapter], spec: MergeSpec) -> tuple[str, int]:
     for a in sources:
         if a.config.use_dora or a.config.lora_bias:
             reasons.append(f"adapter '{a.adapter_id}' uses DoRA or lora_bias, which weighted merging cannot combine")
+    for a in sources:
+        if a.base_overrides:
+            reasons.append(f"adapter '{a.adapter_id}' carries its own weights for {sorted(a.base_overrides)} "
+                           "(saved with save_embedding_layers, different from the served model's), which "
+                           "weighted merging cannot combine")
     bases = {a.config.base_model_name_or_path for a in sources if a.config.base_model_name_or_path}
     if len(bases) > 1:
         reasons.append(f"the sources were trained on different base models: {sorted(bases)}")

@@ -2,7 +2,8 @@
 
 A wrapper keeps the original module as `base_layer` (its only registered child, so parameters and
 buffers stay those of the base model) and, per adapter, either the adapter type's `ModuleAdapter` (LoRA
-weights, an IA3 vector, ...) or a whole replacement copy (modules_to_save). Adapter tensors live in plain
+weights, an IA3 vector, ...) or a whole replacement copy (modules_to_save), and, for an adapter whose file
+carries its own embedding weights, the copy its rows run on in place of `base_layer`. Adapter tensors live in plain
 dicts on purpose: they never appear in `named_parameters()`, and removing the dict entry is all it takes
 to free them. When the last adapter leaves, the runtime puts `base_layer` back where the wrapper was.
 """
@@ -28,6 +29,7 @@ class AdaptedModule(nn.Module):
         object.__setattr__(self, "router", router)
         self.adapters: dict[str, ModuleAdapter] = {}
         self.replacements: dict[str, nn.Module] = {}
+        self.bases: dict[str, nn.Module] = {}  # adapter id -> its own copy of the base module
         # The latest batch's adapters in their type's stacked form (e.g. adapter_types/lora/stacked.py), and their ids.
         self._stack: Any = None
         self._stack_ids: tuple[str, ...] | None = None
@@ -37,6 +39,7 @@ class AdaptedModule(nn.Module):
     def remove_adapter(self, adapter_id: str) -> None:
         self.adapters.pop(adapter_id, None)
         self.replacements.pop(adapter_id, None)
+        self.bases.pop(adapter_id, None)
         self._stack = None  # it may hold a copy of the adapter's weights
         if self.fused is not None and self.fused[0] == adapter_id:
             self.fused = None
@@ -47,13 +50,13 @@ class AdaptedModule(nn.Module):
 
     @property
     def adapter_ids(self) -> set[str]:
-        return set(self.adapters) | set(self.replacements)
+        return set(self.adapters) | set(self.replacements) | set(self.bases)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         assignment = self.router.current()
         if assignment.groups is None:
             return self._forward_one(assignment.uniform, x, *args, **kwargs)
-        groups = [g for g in assignment.groups if g.adapter_id in self.adapters or g.adapter_id in self.replacements]
+        groups = [g for g in assignment.groups if g.adapter_id in self.adapter_ids]
         if not groups:
             return self.base_layer(x, *args, **kwargs)
         if x.shape[0] != assignment.batch_size:
@@ -75,7 +78,7 @@ class AdaptedModule(nn.Module):
 
     def _whole_module(self, adapter_id: str | None) -> bool:
         """Whether these rows need their own run of a module: a copy, a fused copy, or a changed input."""
-        if adapter_id in self.replacements or adapter_id == self.fused_id:
+        if adapter_id in self.replacements or adapter_id in self.bases or adapter_id == self.fused_id:
             return True
         adapter = self.adapters.get(adapter_id) if adapter_id is not None else None
         return adapter is not None and adapter.changes_input
@@ -102,17 +105,20 @@ class AdaptedModule(nn.Module):
         return self._stack, slots
 
     def _forward_one(self, adapter_id: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        replacement = self.replacements.get(adapter_id) if adapter_id is not None else None
+        if adapter_id is None:
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_id == self.fused_id:
+            return self.fused[1](x, *args, **kwargs)
+        replacement = self.replacements.get(adapter_id)
         if replacement is not None:
             return replacement(x, *args, **kwargs)
-        if adapter_id is not None and adapter_id == self.fused_id:
-            return self.fused[1](x, *args, **kwargs)
-        adapter = self.adapters.get(adapter_id) if adapter_id is not None else None
+        base = self.bases.get(adapter_id, self.base_layer)
+        adapter = self.adapters.get(adapter_id)
         if adapter is None:
-            return self.base_layer(x, *args, **kwargs)
-        base_input = adapter.adapt_input(self.base_layer, x) if adapter.changes_input else x
-        y = self.base_layer(base_input, *args, **kwargs)
-        return adapter.adapt_output(self.base_layer, x, y)
+            return base(x, *args, **kwargs)
+        base_input = adapter.adapt_input(base, x) if adapter.changes_input else x
+        y = base(base_input, *args, **kwargs)
+        return adapter.adapt_output(base, x, y)
 
     def _forward_split(self, assignment: RowAssignment, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run every row group on its own (replacement copies are whole modules), then reassemble rows.
@@ -137,7 +143,8 @@ class AdaptedModule(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"name={self.module_name!r}, adapters={sorted(self.adapters)}, replaced={sorted(self.replacements)}"
+        return (f"name={self.module_name!r}, adapters={sorted(self.adapters)}, replaced={sorted(self.replacements)}, "
+                f"own_base={sorted(self.bases)}")
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:

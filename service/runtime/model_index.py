@@ -26,6 +26,8 @@ class ModelIndex:
     parents: dict[str, tuple[nn.Module, str]]  # module name -> (original parent object, attribute name)
     state: dict[str, TensorSpec]  # pristine state_dict key -> shape/dtype
     all_linear: set[str]
+    # The input and output embedding modules (PEFT's save_embedding_layers writes their full weights).
+    embeddings: tuple[str, ...] = ()
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelIndex:
@@ -35,14 +37,27 @@ class ModelIndex:
             parent_name, _, attr = name.rpartition(".")
             parents[name] = (modules[parent_name] if parent_name else model, attr)
         state = {k: TensorSpec(tuple(t.shape), t.dtype) for k, t in model.state_dict().items()}
-        output_name = None
-        get_out = getattr(model, "get_output_embeddings", None)
-        out_emb = get_out() if callable(get_out) else None
-        if out_emb is not None:
-            output_name = next((n for n, m in modules.items() if m is out_emb), None)
-        return cls(modules, parents, state, all_linear_names(modules, output_name))
+        input_name, output_name = (_module_name(model, modules, getter)
+                                   for getter in ("get_input_embeddings", "get_output_embeddings"))
+        embeddings = tuple(n for n in (input_name, output_name) if n is not None and f"{n}.weight" in state)
+        return cls(modules, parents, state, all_linear_names(modules, output_name), embeddings)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the input (else output) embedding: the served model's vocabulary."""
+        return self.state[f"{self.embeddings[0]}.weight"].shape[0] if self.embeddings else None
 
     def module_state(self, name: str) -> dict[str, TensorSpec]:
         """Pristine state_dict entries of one module, keys relative to it."""
         prefix = name + "."
         return {k[len(prefix):]: spec for k, spec in self.state.items() if k.startswith(prefix)}
+
+
+def _module_name(model: nn.Module, modules: dict[str, nn.Module], getter: str) -> str | None:
+    """Name of the module a transformers getter (`get_input_embeddings`, ...) returns, if any."""
+    get = getattr(model, getter, None)
+    try:
+        found = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):  # a model class that does not implement the getter
+        return None
+    return next((n for n, m in modules.items() if m is found), None) if found is not None else None

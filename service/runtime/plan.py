@@ -39,10 +39,16 @@ class AdapterPlan:
     targets: list[ModuleTarget] = field(default_factory=list)
     shared: dict[str, str] = field(default_factory=dict)  # adapter-level field -> file key
     replacements: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> {param: file key}
+    # Embedding module -> file key of its full weight, written by PEFT's save_embedding_layers (§1.7).
+    base_weights: dict[str, str] = field(default_factory=dict)
 
 
-def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank: int | None = None) -> AdapterPlan:
-    """Build the plan or raise AdapterValidationError carrying the report. Reads no tensor data."""
+def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank: int | None = None,
+                 model_name: str | None = None) -> AdapterPlan:
+    """Build the plan or raise AdapterValidationError carrying the report. Reads no tensor data.
+
+    `model_name` (the served model's name or path) is compared with the config's base_model_name_or_path.
+    """
     report = LoadReport(adapter_id=adapter_id)
     config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
     if not config_path.is_file():
@@ -65,9 +71,11 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
     except SafetensorsFormatError as exc:
         report.file_errors.append(f"{WEIGHTS_FILE}: {exc}")
         raise AdapterValidationError(report) from None
-    if adapter_type is None or cfg is None:
+    _check_not_empty(header, report)
+    if adapter_type is None or cfg is None or report.file_errors:
         raise AdapterValidationError(report)
     cfg.peft_type = adapter_type.peft_type
+    _compare_base_model(cfg.base_model_name_or_path, model_name, report)
 
     # Every config regex must compile with RE2 (linear-time matching) before one is run.
     pattern_errors = pattern_problems(cfg.module_patterns())
@@ -81,6 +89,7 @@ def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank
         plan.shared = _guarded(report, adapter_type, "plan shared keys",
                                lambda: adapter_type.plan_shared(cfg, index, keys, report)) or {}
         _plan_replacements(plan, index, keys)
+        _plan_base_weights(plan, index, keys)
     except ModulePatternError as exc:  # a type's own pattern field that module_patterns() does not list
         report.config_errors.append(str(exc))
         raise AdapterValidationError(report) from None
@@ -117,6 +126,13 @@ def _adapter_type(raw: dict[str, Any], report: LoadReport) -> AdapterType | None
     report.peft_type = peft_type.upper()
     types = installed_types()
     adapter_type = types.get(peft_type.upper())
+    if adapter_type is not None and peft_type != peft_type.upper():
+        # PEFT's PeftType enum refuses any other spelling ("lora" is not a PeftType): so do we.
+        report.config_errors.append(
+            f"peft_type '{peft_type}' is not a PEFT type name (PEFT refuses it; accepted values, in upper case as "
+            f"PEFT writes them: {', '.join(sorted(types))}); did you mean '{peft_type.upper()}'?"
+        )
+        return None
     if adapter_type is None:
         report.unsupported.append(
             f"peft_type '{peft_type}': no installed adapter type serves it (installed: {', '.join(sorted(types))}; "
@@ -172,7 +188,85 @@ def _plan_replacements(plan: AdapterPlan, index: ModelIndex, keys: AdapterKeys) 
         report.modules_to_save_matched.append(name)
         params: dict[str, str] = {}
         for param, spec in index.module_state(name).items():
+            found = keys.shape(f"{name}.{param}")
+            if (name in index.embeddings and param == "weight" and found is not None
+                    and _vocabulary_differs(report, keys, f"{name}.{param}", found, spec.shape)):
+                keys.used.add(f"{name}.{param}")
+                continue
             file_key = keys.expect(f"{name}.{param}", spec.shape, float_only=spec.dtype.is_floating_point)
             if file_key is not None:
                 params[param] = file_key
         plan.replacements[name] = params
+
+
+def _plan_base_weights(plan: AdapterPlan, index: ModelIndex, keys: AdapterKeys) -> None:
+    """Claim the full embedding weights PEFT's `save_embedding_layers` writes (PEFT_SPEC §1.7).
+
+    PEFT writes `{emb}.weight` for an untargeted input/output embedding (it was resized, or the caller
+    asked) and `{emb}.base_layer.weight` for a targeted one; loading writes them into the base model.
+    Here they must have the served model's shape; whether they equal its weights is decided on build.
+    """
+    targeted = {t.name for t in plan.targets}
+    for name in index.embeddings:
+        if name in plan.replacements:  # a modules_to_save copy already claims `{name}.weight`
+            continue
+        key = f"{name}.base_layer.weight" if name in targeted else f"{name}.weight"
+        found = keys.shape(key)
+        if found is None:
+            continue
+        expected = index.state[f"{name}.weight"].shape
+        if _vocabulary_differs(plan.report, keys, key, found, expected):
+            keys.used.add(key)
+            continue
+        file_key = keys.expect(key, expected)
+        if file_key is not None:
+            plan.base_weights[name] = file_key
+
+
+def _vocabulary_differs(report: LoadReport, keys: AdapterKeys, key: str, found: tuple[int, ...],
+                        expected: tuple[int, ...]) -> bool:
+    """Report one embedding saved for another vocabulary size (same width, other row count)."""
+    if len(found) != 2 or len(expected) != 2 or found[1] != expected[1] or found[0] == expected[0]:
+        return False
+    line = (f"vocabulary: the file's embeddings have {found[0]} tokens ({FILE_PREFIX}{key} is {list(found)}) "
+            f"but the served model's vocabulary has {expected[0]}; the adapter was trained on a resized "
+            f"vocabulary. Serve a base model with {found[0]} tokens instead (the base after "
+            f"resize_token_embeddings({found[0]}) with these embeddings, e.g. PEFT's merge_and_unload() of "
+            "this adapter saved as a model), or retrain the adapter without resizing the vocabulary")
+    if not any(m.startswith(f"vocabulary: the file's embeddings have {found[0]} ") for m in report.base_mismatches):
+        report.base_mismatches.append(line)
+    return True
+
+
+def _check_not_empty(header: dict[str, TensorHeader], report: LoadReport) -> None:
+    """One line for a file of empty tensors instead of a shape mismatch per tensor."""
+    empty = sorted(k for k, spec in header.items() if 0 in spec.shape)
+    if not empty:
+        return
+    which = "every tensor" if len(empty) == len(header) else f"{len(empty)} of its {len(header)} tensors"
+    report.file_errors.append(
+        f"{WEIGHTS_FILE}: {which} empty (shape [0], e.g. {empty[0]}): the adapter was saved from sharded "
+        "parameters that were never gathered (what a DeepSpeed ZeRO-3 save writes); save it again with the "
+        "parameters gathered (e.g. under deepspeed.zero.GatheredParameters, or with the trainer's "
+        "stage3_gather_16bit_weights_on_model_save)"
+    )
+
+
+def _compare_base_model(adapter_base: str | None, served: str | None, report: LoadReport) -> None:
+    """A warning when the adapter names another base model than the served one.
+
+    Equal names, or the same last path component ("meta-llama/Llama-2-7b-hf" and "/models/Llama-2-7b-hf")
+    count as the same model: a hub id and a local copy of it are the usual pair.
+    """
+    if not adapter_base or not served or not isinstance(adapter_base, str):
+        return
+
+    def last(name: str) -> str:
+        return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+    if adapter_base == served or last(adapter_base) == last(served):
+        return
+    report.warnings.append(
+        f"the adapter was trained on base model '{adapter_base:.200}' but this server serves '{served:.200}'; "
+        "outputs are only meaningful if the two have the same weights"
+    )

@@ -37,11 +37,14 @@ class LoadedAdapter:
     modules: dict[str, ModuleAdapter] = field(default_factory=dict)  # module name -> the type's per-module object
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter-level tensors (e.g. a shared router)
     replacements: dict[str, nn.Module] = field(default_factory=dict)  # module name -> trained copy
+    # Embedding name -> copy with the file's own full weights (save_embedding_layers) where they differ
+    # from the served base's; the adapter's rows run on it (and its LoRA, if any, sits on top of it).
+    base_overrides: dict[str, nn.Module] = field(default_factory=dict)
     fused: dict[str, nn.Module] = field(default_factory=dict)  # module name -> merged copy, while fused
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for m in self.modules.values() for t in m.tensors()] + list(self.shared.values())
-        for module in (*self.replacements.values(), *self.fused.values()):
+        for module in (*self.replacements.values(), *self.base_overrides.values(), *self.fused.values()):
             out += list(module.parameters()) + list(module.buffers())
         return out
 
@@ -71,9 +74,10 @@ def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
 class AdapterRuntime:
     """Serves any mix of loaded adapters on one base model."""
 
-    def __init__(self, model: nn.Module, max_rank: int | None = None) -> None:
+    def __init__(self, model: nn.Module, max_rank: int | None = None, model_name: str | None = None) -> None:
         self.model = model.eval()
         self.max_rank = max_rank
+        self.model_name = model_name  # compared with each adapter's base_model_name_or_path
         self.index = ModelIndex.from_model(model)
         self.router = Router()
         self.adapters: dict[str, LoadedAdapter] = {}
@@ -84,7 +88,7 @@ class AdapterRuntime:
 
     def inspect(self, adapter_id: str, adapter_dir: Path) -> LoadReport:
         """Validate fully (tensors included) without changing anything; raises AdapterValidationError."""
-        plan = plan_adapter(adapter_id, adapter_dir, self.index, self.max_rank)
+        plan = plan_adapter(adapter_id, adapter_dir, self.index, self.max_rank, self.model_name)
         self._build(plan)
         return plan.report
 
@@ -98,7 +102,7 @@ class AdapterRuntime:
         Only reads the pristine index and base weights, so it may run on another thread while the owner
         runs forward passes.
         """
-        return self._build(plan_adapter(adapter_id, adapter_dir, self.index, self.max_rank))
+        return self._build(plan_adapter(adapter_id, adapter_dir, self.index, self.max_rank, self.model_name))
 
     def attach(self, loaded: LoadedAdapter) -> LoadedAdapter:
         """Put a prepared adapter into the model; cannot fail half-way for a prepared adapter."""
@@ -114,7 +118,7 @@ class AdapterRuntime:
         if loaded is None:
             raise AdapterNotFoundError(adapter_id)
         freed = loaded.resident_bytes
-        for name in set(loaded.modules) | set(loaded.replacements):
+        for name in set(loaded.modules) | set(loaded.replacements) | set(loaded.base_overrides):
             wrapper = self._wrappers[name]
             wrapper.remove_adapter(adapter_id)
             if not wrapper.adapter_ids:
@@ -122,6 +126,7 @@ class AdapterRuntime:
         loaded.modules.clear()
         loaded.shared.clear()
         loaded.replacements.clear()
+        loaded.base_overrides.clear()
         loaded.fused.clear()
         if self.router.active == adapter_id:
             self.router.active = None
@@ -151,7 +156,7 @@ class AdapterRuntime:
         fused: dict[str, nn.Module] = {}
         with torch.no_grad():
             for name, adapter in loaded.modules.items():
-                base = self.index.modules[name]
+                base = loaded.base_overrides.get(name, self.index.modules[name])
                 module = copy.deepcopy(base).requires_grad_(False)
                 for param, value in adapter.merged_parameters(base).items():
                     getattr(module, param).data = value
@@ -219,8 +224,9 @@ class AdapterRuntime:
         loaded = LoadedAdapter(plan.adapter_id, plan.adapter_type, plan.config, report)
         device = self._device()
         loaded.shared = {f: tensors[key].to(device) for f, key in plan.shared.items()}
+        self._build_base_overrides(plan, tensors, loaded)
         for target in plan.targets:
-            base = self.index.modules[target.name]
+            base = loaded.base_overrides.get(target.name, self.index.modules[target.name])
             fields = {f: tensors[key].to(_module_device(base, device)) for f, key in target.keys.items()}
             try:
                 module = plan.adapter_type.build_module(plan.config, target, fields, loaded.shared, base, report)
@@ -239,6 +245,47 @@ class AdapterRuntime:
         if not report.ok:
             raise AdapterValidationError(report)
         return loaded
+
+    def _build_base_overrides(self, plan: AdapterPlan, tensors: dict[str, torch.Tensor],
+                              loaded: LoadedAdapter) -> None:
+        """The file's full embedding weights (save_embedding_layers): PEFT writes them into the base model.
+
+        Equal to the served base's: nothing is held. Different: this adapter gets its own copy of the
+        module, so its rows see what PEFT serves while the base and other adapters keep theirs. Tied
+        input/output embeddings share one weight in the base, so PEFT's write reaches both: here both get
+        the one copy.
+        """
+        report = plan.report
+        values: dict[int, tuple[str, torch.Tensor]] = {}  # base weight storage -> (file key, file value)
+        for name, key in plan.base_weights.items():
+            weight = self.index.modules[name].weight
+            value = tensors[key].to(weight.dtype)
+            storage = weight.untyped_storage().data_ptr()
+            seen = values.get(storage)
+            if seen is not None and not torch.equal(seen[1], value):
+                report.base_mismatches.append(f"{seen[0]} and {key} hold different values for the tied "
+                                              f"embedding weight {name}.weight; PEFT would keep either")
+            values.setdefault(storage, (key, value))
+        if not report.ok:
+            return
+        for storage, (key, value) in values.items():
+            names = [n for n in self.index.embeddings
+                     if self.index.modules[n].weight.untyped_storage().data_ptr() == storage]
+            base_weight = self.index.modules[names[0]].weight
+            if torch.equal(value, base_weight):
+                report.warnings.append(f"{key}: the file carries the base model's embedding weights "
+                                       "(save_embedding_layers); they equal the served model's, nothing extra held")
+                continue
+            shared = nn.Parameter(value.to(base_weight.device), requires_grad=False)
+            for name in names:
+                clone = self._pristine_copy(self.index.modules[name])
+                clone.weight = shared  # tied modules keep sharing one tensor, as in the base
+                loaded.base_overrides[name] = clone.eval().requires_grad_(False)
+            report.warnings.append(
+                f"{key}: the file carries its own embedding weights (save_embedding_layers) that differ from the "
+                f"served model's; held for this adapter only ({value.numel() * value.element_size()} bytes, "
+                f"used by {', '.join(names)})"
+            )
 
     @staticmethod
     def _pristine_copy(module: nn.Module) -> nn.Module:
@@ -268,6 +315,8 @@ class AdapterRuntime:
             self._wrapper(name).adapters[loaded.adapter_id] = module
         for name, module in loaded.replacements.items():
             self._wrapper(name).replacements[loaded.adapter_id] = module
+        for name, module in loaded.base_overrides.items():
+            self._wrapper(name).bases[loaded.adapter_id] = module
 
 
 

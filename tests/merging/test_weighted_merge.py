@@ -142,3 +142,11 @@ def test_incompatible_sources_explain_why(setup, tmp_path) -> None:
         merge([loaded[0], dora_loaded], MergeSpec("cat", [1, 1]), runtime.index.modules)
     with pytest.raises(MergeError, match="density"):
         merge(loaded, MergeSpec("ties", WEIGHTS), runtime.index.modules)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_with_density_zero_is_refused_naming_density(setup, method) -> None:
+    """DARE divides the kept entries by density: 0 used to produce NaN (reported as NaN in lora_A)."""
+    _, _, runtime, loaded, _ = setup
+    with pytest.raises(MergeError, match=f"density must be above 0 for method '{method}'"):
+        merge(loaded, MergeSpec(method, WEIGHTS, density=0.0, seed=1), runtime.index.modules)

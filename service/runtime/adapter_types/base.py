@@ -169,7 +169,7 @@ class ModuleAdapter(ABC):
 class AdapterType(ABC):
     """One kind of adapter (a PEFT `peft_type`): parses its config and builds its per-module objects."""
 
-    peft_type: ClassVar[str]  # e.g. "LORA"; matched case-insensitively against adapter_config.json
+    peft_type: ClassVar[str]  # e.g. "LORA"; adapter_config.json must spell it exactly so, as PEFT requires
     # Base module classes this type can wrap; a targeted module of another class is "unsupported".
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     # Whether POST /adapters/merge (weighted combination into a new adapter) accepts this type.

@@ -50,20 +50,11 @@ class LoraType(AdapterType):
         n_in, n_out = features(module)
         shapes = {"A": (rank, n_in), "B": (n_out, rank), "bias": (n_out,), "magnitude": (n_out,)}
         file_keys = {f: keys.expect(key, shapes[f]) for f, key in fields.items()}
-        base_key = f"{name}.base_layer.weight"  # PEFT auto-saves the full embedding next to embedding LoRA
-        if kind == "embedding" and base_key in keys:
-            file_keys["base_weight"] = keys.expect(base_key, tuple(module.weight.shape))
         info = {"kind": kind, "rank": rank, "alpha": alpha, "scaling": scaling(config.use_rslora, rank, alpha)}
         return ModuleTarget(name, {f: k for f, k in file_keys.items() if k is not None}, info)
 
     def build_module(self, config: LoraAdapterConfig, target: ModuleTarget, tensors: dict[str, torch.Tensor],
                      shared: dict[str, torch.Tensor], base: nn.Module, report: LoadReport) -> LoraWeights:
-        base_weight = tensors.pop("base_weight", None)
-        if base_weight is not None and not torch.equal(base_weight.to(base.weight.dtype), base.weight):
-            report.base_mismatches.append(
-                f"{target.keys['base_weight']} differs from the live model's {target.name}.weight: the adapter was "
-                "trained on another base (or a modified embedding), which would change every adapter"
-            )
         fields = {f: t.to(ADAPTER_DTYPE) for f, t in tensors.items()}
         info = target.info
         weights = LoraWeights(
