@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +191,15 @@ class AdapterReplica:
         request = GenerationInput.from_wire(wire)
         model_id = serve.get_multiplexed_model_id() or None
         try:
-            if model_id:
-                await self._get_adapter(model_id)
-            await self._follow_fused(fused)
             ids = await self.admission.tokenize(request)
-            events = await self.admission.start(GenerationRequest(ids, model_id, request.params),
-                                                request.adapter or "base")
+            async with AsyncExitStack() as hold:
+                if model_id:
+                    await self._get_adapter(model_id)
+                    # Leased at once (no await in between): an LRU eviction can no longer free it under us.
+                    await hold.enter_async_context(self.adapters.lease(model_id))
+                await self._follow_fused(fused)
+                events = await self.admission.start(GenerationRequest(ids, model_id, request.params),
+                                                    request.adapter or "base")
         except ServiceError as exc:
             yield error_reply(exc)
             return
