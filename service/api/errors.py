@@ -54,6 +54,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "overloaded": 429,
     "timeout": 504,
     "generation_failed": 500,
+    "non_finite_logits": 422,
     "replica_unavailable": 503,
     "unauthorized": 401,
     "forbidden": 403,

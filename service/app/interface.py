@@ -76,6 +76,8 @@ class GenerationInput:
     def from_wire(cls, data: dict[str, Any]) -> GenerationInput:
         params = dict(data["params"])
         params["stop"] = tuple(params.get("stop") or ())
+        params["stop_token_ids"] = tuple(params.get("stop_token_ids") or ())
+        params["logit_bias"] = tuple((int(t), float(b)) for t, b in params.get("logit_bias") or ())
         return cls(**{**data, "params": SamplingParams(**params)})
 
 
