@@ -36,6 +36,7 @@ class AdapterView:
     created_at: str
     resident: bool
     load_ms: float | None
+    warnings: list[str] = field(default_factory=list)  # the load report's warnings (served, but worth a look)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def adapter_view(
         alpha=float(summary.get("lora_alpha", summary.get("alpha", 0)) or 0),
         target_modules=summary.get("target_modules"), modules_to_save=summary.get("modules_to_save") or [],
         resident_bytes=resident_bytes, sha256=sha256, active=active, created_at=created_at, resident=resident,
-        load_ms=load_ms,
+        load_ms=load_ms, warnings=list(summary.get("warnings") or []),
     )
 
 

@@ -27,7 +27,8 @@ def _run(engine, tokenizer, jobs: list[tuple[str, str | None, SamplingParams]]):
     return asyncio.run(scenario())
 
 
-def _reference(model, tokenizer, prompt: str, steps: int, params: SamplingParams) -> tuple[list[int], list[list[float]]]:
+def _reference(model, tokenizer, prompt: str, steps: int,
+               params: SamplingParams) -> tuple[list[int], list[list[float]]]:
     """Greedy over scores processed as OpenAI and vLLM define them, written out in full; also each step's raw
     log-softmax (the logprobs the engine reports)."""
     ids = tokenizer(prompt)["input_ids"]

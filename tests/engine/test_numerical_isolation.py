@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from oracle import huge_copy
 
 from service.engine import GenerationRequest, SamplingParams, TokenEvent
 from service.errors import NonFiniteLogitsError
-
-
-def huge_copy(adapter_dir: Path, out: Path, scale: float = 1e20) -> Path:
-    """The same adapter with every lora_B scaled by `scale`: finite in float32; on every linear layer (q/v alone
-    are tamed by the norms) the scores become NaN."""
-    shutil.copytree(adapter_dir, out)
-    tensors = load_file(out / "adapter_model.safetensors")
-    save_file({k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
-    return out
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
