@@ -217,6 +217,18 @@ class GenerationFailedError(ServiceError):
     code = "generation_failed"
 
 
+class NonFiniteLogitsError(GenerationFailedError):
+    """The model's scores for this request are NaN or infinite (its adapter's weights overflow); only this
+    request fails, the rest of the batch goes on."""
+
+    code = "non_finite_logits"
+
+    def __init__(self, adapter_id: str | None, generated: int) -> None:
+        which = f"adapter {echo(adapter_id)}" if adapter_id is not None else "the base model"
+        super().__init__(f"{which} produced NaN or infinite scores after {generated} generated token(s); its "
+                         "weights overflow in this model's dtype", {"adapter_id": adapter_id, "generated": generated})
+
+
 class ReplicaUnavailableError(ServiceError):
     code = "replica_unavailable"
 

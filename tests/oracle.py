@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -115,3 +117,12 @@ class PeftGreedy:
 def input_ids(batch: int = 3, length: int = 7, seed: int = 5) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=gen)
+
+
+def huge_copy(adapter_dir: Path, out: Path, scale: float = 1e20) -> Path:
+    """The same adapter with every lora_B scaled by `scale`: finite in float32; on every linear layer (q/v alone
+    are tamed by the norms) the scores become NaN."""
+    shutil.copytree(adapter_dir, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    save_file({k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    return out

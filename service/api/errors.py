@@ -54,6 +54,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "overloaded": 429,
     "timeout": 504,
     "generation_failed": 500,
+    "non_finite_logits": 422,
     "replica_unavailable": 503,
     "unauthorized": 401,
     "forbidden": 403,
@@ -91,7 +92,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
-        return _json(422, "invalid_request", "the request does not match the API schema", {"errors": errors})
+        # the message names the fields at fault (`body.logprobs: ...`), so a client's log says what to change
+        named = "; ".join(f"{'.'.join(str(part)[:80] for part in e['loc'])}: {str(e['msg'])[:200]}"
+                          for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        return _json(422, "invalid_request", f"the request does not match the API schema: {named}{more}",
+                     {"errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

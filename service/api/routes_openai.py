@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from ..app import BASE, AdapterService, Generation, GenerationInput
-from ..engine import GenerationResult, SamplingParams, TokenEvent
+from ..engine import SamplingParams, TokenLogprob
 from ..errors import InvalidRequestError
 from .auth import require
 from .deps import Svc
+from .openai_format import chat_logprobs, completion_logprobs, results, stream, usage
 from .schemas_openai import ChatCompletionRequest, CompletionRequest
-from .streaming import error_event, served_by_header, sse_event, sse_response
+from .streaming import served_by_header, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require("inference"))])
 
@@ -38,16 +38,14 @@ async def list_models(service: Svc) -> dict:
     return {"object": "list", "data": [base, *adapters]}
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          top_k=body.top_k, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
-
-
-def _usage(results: list[GenerationResult]) -> dict:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+        seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+        logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens,
+        stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs,
+    )
 
 
 def _inputs(prompt: Any, adapter: str, params: SamplingParams) -> list[GenerationInput]:
@@ -63,8 +61,17 @@ def _inputs(prompt: Any, adapter: str, params: SamplingParams) -> list[Generatio
     raise InvalidRequestError("prompt must be a string, a list of strings, or token ids")
 
 
+def _copies(inputs: list[GenerationInput], n: int) -> list[GenerationInput]:
+    """n copies of each input in OpenAI's choice order (choice i*n + j is copy j of prompt i). Copy j of a
+    seeded request samples with seed + j (as vLLM), so the copies differ and the request stays reproducible."""
+    def seeded(params: SamplingParams, j: int) -> SamplingParams:
+        return params if params.seed is None or j == 0 else replace(params, seed=(params.seed + j) % 2**63)
+
+    return [replace(item, params=seeded(item.params, j)) for item in inputs for j in range(n)]
+
+
 async def _admit_all(service: AdapterService, inputs: list[GenerationInput]) -> list[Generation]:
-    """Admit every prompt before any runs, so a refusal answers the whole request (and frees the others)."""
+    """Admit every choice before any runs, so a refusal answers the whole request (and frees the others)."""
     admitted: list[Generation] = []
     try:
         for item in inputs:
@@ -76,30 +83,40 @@ async def _admit_all(service: AdapterService, inputs: list[GenerationInput]) -> 
     return admitted
 
 
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, response: Response, service: Svc):
-    """Text completion for one or more prompts (strings or token ids); the prompts run in one batch."""
+    """Text completion for one or more prompts (strings or token ids), n choices each; all run in one batch."""
     request.state.adapter_id = body.model
-    inputs = _inputs(body.prompt, _adapter_for(service, body.model), _params(body, body.max_tokens or 16))
-    created, completion_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        if len(inputs) != 1:
-            raise InvalidRequestError("streaming takes exactly one prompt")
-        generation = await service.generate(inputs[0])
-
-        def chunk(text: str | None, finish: str | None) -> dict:
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
-
-        return sse_response(_stream(generation, chunk), served_by_header(generation))
+    params = _params(body, body.max_tokens or 16, body.logprobs)
+    inputs = _copies(_inputs(body.prompt, _adapter_for(service, body.model), params), body.n)
     generations = await _admit_all(service, inputs)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
+    if body.stream:
+        offsets = [0] * len(generations)  # text_offset of each choice's next token
+
+        def chunk(index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict:
+            formatted = None
+            if logprobs is not None:
+                formatted = completion_logprobs(logprobs, offsets[index])
+                offsets[index] += sum(len(lp.text) for lp in logprobs)
+            return {**head, "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                         "logprobs": formatted}]}
+
+        return sse_response(stream(generations, chunk, body.n, head, include_usage=_include_usage(body)),
+                            served_by_header(generations[0]))
     response.headers.update(served_by_header(generations[0]))
-    results = await asyncio.gather(*(g.result() for g in generations))
+    done = await results(generations)
     return {
-        "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                    for i, r in enumerate(results)],
-        "usage": _usage(list(results)),
+        **head,
+        "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                     "logprobs": None if r.logprobs is None else completion_logprobs(r.logprobs)}
+                    for i, r in enumerate(done)],
+        "usage": usage(done, body.n),
     }
 
 
@@ -108,42 +125,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     """Chat completion: messages rendered with the tokenizer's chat template (a plain default otherwise)."""
     request.state.adapter_id = body.model
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    params = _params(body, body.max_completion_tokens or body.max_tokens or 256)
-    generation = await service.generate(GenerationInput(params, _adapter_for(service, body.model), messages=messages))
-    created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    params = _params(body, body.max_completion_tokens or body.max_tokens or 256, body.top_logprob_count())
+    inputs = _copies([GenerationInput(params, _adapter_for(service, body.model), messages=messages)], body.n)
+    generations = await _admit_all(service, inputs)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": body.model}
     if body.stream:
-        def chunk(text: str | None, finish: str | None) -> dict:
+        def chunk(index: int, text: str | None, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict:
             delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            formatted = None if logprobs is None else chat_logprobs(logprobs)
+            return {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                         "logprobs": formatted}]}
 
-        return sse_response(_stream(generation, chunk, opening=chunk(None, None)), served_by_header(generation))
-    response.headers.update(served_by_header(generation))
-    result = await generation.result()
+        openings = [chunk(i, None, None, None) for i in range(len(generations))]
+        return sse_response(stream(generations, chunk, body.n, head, openings, _include_usage(body)),
+                            served_by_header(generations[0]))
+    response.headers.update(served_by_header(generations[0]))
+    done = await results(generations)
     return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": _usage([result]),
+        **head, "object": "chat.completion",
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "finish_reason": r.finish_reason,
+                     "logprobs": None if r.logprobs is None else chat_logprobs(r.logprobs)}
+                    for i, r in enumerate(done)],
+        "usage": usage(done, body.n),
     }
-
-
-async def _stream(generation: Generation, chunk: Callable[[str | None, str | None], dict],
-                  opening: dict | None = None) -> AsyncIterator[bytes]:
-    """OpenAI's stream format: `data: {chunk}` lines, a final chunk with finish_reason, then `data: [DONE]`
-    (or an error event)."""
-    events = generation.events
-    try:
-        if opening is not None:
-            yield sse_event(opening)
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                if event.text:
-                    yield sse_event(chunk(event.text, None))
-            else:
-                yield sse_event(chunk("", event.finish_reason))
-        yield b"data: [DONE]\n\n"
-    except Exception as exc:
-        yield error_event(exc)
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]

@@ -59,8 +59,8 @@ class AdapterInfo(BaseModel):
     created_at: str
     resident: bool = Field(description="loaded in model memory (else loaded on first use)")
     load_ms: float | None = Field(description="duration of the latest load into model memory")
-    warnings: list[str] = Field(default_factory=list, description="what the upload's load report noted "
-                                "(e.g. another base model named in the config); never a reason to refuse")
+    warnings: list[str] = Field(default_factory=list, description="the load report's warnings: served, but worth "
+                                "a look (e.g. another base model named in the config, absurdly large weights)")
 
 
 class AdapterList(BaseModel):

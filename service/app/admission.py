@@ -69,6 +69,12 @@ class Admission:
         if not all(0 <= token < self.vocab_size for token in request.prompt_ids):  # ids sent by OpenAI clients
             raise RequestLimitError("invalid_token_id", f"prompt token ids must lie in [0, {self.vocab_size})",
                                     {"vocab_size": self.vocab_size})
+        params = request.params
+        out_of_range = sorted({t for t in (*(t for t, _ in params.logit_bias), *params.stop_token_ids)
+                               if not 0 <= t < self.vocab_size})
+        if out_of_range:
+            raise RequestLimitError("invalid_token_id", f"logit_bias and stop_token_ids name token ids outside "
+                                    f"[0, {self.vocab_size}): {out_of_range[:8]}", {"vocab_size": self.vocab_size})
         if request.params.max_new_tokens > limits.max_new_tokens:
             raise RequestLimitError("max_new_tokens_too_large", f"at most {limits.max_new_tokens} new tokens per "
                                     "request", {"max_new_tokens": limits.max_new_tokens})

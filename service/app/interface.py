@@ -36,7 +36,7 @@ class AdapterView:
     created_at: str
     resident: bool
     load_ms: float | None
-    warnings: list[str] = field(default_factory=list)  # the upload's load report warnings
+    warnings: list[str] = field(default_factory=list)  # the load report's warnings (served, but worth a look)
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class GenerationInput:
     def from_wire(cls, data: dict[str, Any]) -> GenerationInput:
         params = dict(data["params"])
         params["stop"] = tuple(params.get("stop") or ())
+        params["stop_token_ids"] = tuple(params.get("stop_token_ids") or ())
+        params["logit_bias"] = tuple((int(t), float(b)) for t, b in params.get("logit_bias") or ())
         return cls(**{**data, "params": SamplingParams(**params)})
 
 

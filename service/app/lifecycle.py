@@ -95,7 +95,7 @@ class Lifecycle:
             async def commit(loaded: LoadedAdapter) -> None:
                 nonlocal record, staged
                 failpoint("upload.attached")
-                summary = {**loaded.config.summary(), "rank": loaded.rank, "warnings": loaded.report.warnings}
+                summary = {**loaded.config.summary(), "rank": loaded.rank, "warnings": list(loaded.report.warnings)}
                 with storage_errors():
                     stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
                 staged = None

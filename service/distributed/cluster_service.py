@@ -25,7 +25,7 @@ from ..app import BASE, Activation, AdapterView, Deletion, Export, Generation, G
 from ..app.registry import adapter_view, claim_adapter_id
 from ..app.sources import SourceRegistry
 from ..app.storage_errors import storage_errors
-from ..engine import GenerationResult, TokenEvent
+from ..engine import GenerationResult, TokenEvent, TokenLogprob
 from ..errors import (
     AdapterExistsError,
     AdapterLimitError,
@@ -56,8 +56,17 @@ def event_from_wire(item: dict[str, Any]) -> TokenEvent | GenerationResult:
     if "error" in item:
         raise ServiceError.from_wire(item["error"])
     if "result" in item:
-        return GenerationResult(**item["result"])
-    return TokenEvent(item["token_id"], item["text"])
+        result = dict(item["result"])
+        if result.get("logprobs") is not None:
+            result["logprobs"] = [_logprob_from_wire(lp) for lp in result["logprobs"]]
+        return GenerationResult(**result)
+    logprob = item.get("logprob")
+    return TokenEvent(item["token_id"], item["text"], None if logprob is None else _logprob_from_wire(logprob))
+
+
+def _logprob_from_wire(data: dict[str, Any]) -> TokenLogprob:
+    return TokenLogprob(int(data["token_id"]), str(data["text"]), float(data["logprob"]),
+                        tuple((int(i), str(t), float(v)) for i, t, v in data.get("top") or ()))
 
 
 class ClusterAdapterService:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,11 @@ def error_reply(exc: ServiceError) -> dict[str, Any]:
 
 def event_to_wire(event: Any) -> dict[str, Any]:
     if isinstance(event, GenerationResult):
+        logprobs = None if event.logprobs is None else [asdict(lp) for lp in event.logprobs]
         return {"result": {"token_ids": event.token_ids, "text": event.text, "finish_reason": event.finish_reason,
-                           "prompt_tokens": event.prompt_tokens}}
-    return {"token_id": event.token_id, "text": event.text}
+                           "prompt_tokens": event.prompt_tokens, "logprobs": logprobs}}
+    return {"token_id": event.token_id, "text": event.text,
+            "logprob": None if event.logprob is None else asdict(event.logprob)}
 
 
 class AdapterReplica:

@@ -1,10 +1,17 @@
-"""Next-token choice for each row of a batch, each row with its own settings and random generator."""
+"""Next-token choice for each row of a batch, each row with its own settings and random generator.
+
+`process` turns a row's raw scores into the scores it samples from (min_tokens, logit_bias, the
+penalties, in vLLM's order); `pick_token` applies temperature, top-k and top-p; `token_logprob` reports
+the raw log-probabilities a client asked for.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .requests import SamplingParams
+from .requests import SamplingParams, TokenLogprob
 
 
 def row_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -17,6 +24,42 @@ def row_generator(params: SamplingParams, device: torch.device) -> torch.Generat
     else:
         gen.manual_seed(params.seed)
     return gen
+
+
+class TokenCounts:
+    """What the penalties of one row need: how often each token was generated (V,), and which tokens the
+    prompt holds (V,) (only with a repetition penalty, which covers prompt and output as in HF and vLLM)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab: int, device: torch.device) -> None:
+        self.generated = torch.zeros(vocab, dtype=torch.float32, device=device)  # (V,)
+        self.in_prompt: torch.Tensor | None = None  # (V,) bool
+        if params.repetition_penalty != 1.0:
+            self.in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.in_prompt[torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
+        self.count = 0  # tokens generated so far
+
+    def add(self, token: int) -> None:
+        self.generated[token] += 1
+        self.count += 1
+
+
+def process(scores: torch.Tensor, params: SamplingParams, counts: TokenCounts, end_ids: list[int]) -> None:
+    """Change one row's float scores (V,) in place: min_tokens, logit_bias, repetition, frequency, presence."""
+    if counts.count < params.min_tokens and end_ids:  # the row may not end yet
+        scores[torch.tensor(end_ids, dtype=torch.long, device=scores.device)] = float("-inf")
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=scores.device)
+        scores.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], device=scores.device))
+    seen = counts.generated > 0  # (V,)
+    if params.repetition_penalty != 1.0:
+        assert counts.in_prompt is not None
+        hit = seen | counts.in_prompt
+        penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        scores.copy_(torch.where(hit, penalised, scores))
+    if params.frequency_penalty:
+        scores.sub_(params.frequency_penalty * counts.generated)
+    if params.presence_penalty:
+        scores.sub_(params.presence_penalty * seen.float())
 
 
 def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
@@ -39,3 +82,13 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int, decode: Callable[[list[int]], str]) -> TokenLogprob:
+    """The chosen token's log-probability under the raw scores (V,) and the `top` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, str, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        alternatives = tuple((i, decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, decode([token]), float(logprobs[token]), alternatives)

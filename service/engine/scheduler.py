@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..errors import NonFiniteLogitsError
 from ..runtime import AdapterNotFoundError, AdapterRuntime
 from . import kv_cache
-from .sampling import pick_token, row_generator
+from .sampling import TokenCounts, pick_token, process, row_generator, token_logprob
 from .sequence import Sequence
 
 
@@ -137,18 +138,44 @@ class ContinuousBatcher:
         self._next_pos = self._next_pos + 1
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """Pick one token per row (finished rows keep a placeholder) and report it."""
+        """Pick one token per row (finished rows keep a placeholder) and report it. A row whose scores are not
+        finite (its adapter's weights overflow) fails alone; the other rows go on."""
         out = torch.full((len(seqs),), self.pad_id, dtype=torch.long, device=self.device)
-        greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
+        scores = self._processed(seqs, logits)
+        finite = torch.isfinite(logits).all(dim=-1)  # (B,)
+        greedy, finite_rows = scores.argmax(dim=-1).tolist(), finite.tolist()  # one device sync for every row
         for i, s in enumerate(seqs):
             if s.finish_reason is not None or s.cancelled:
                 continue
-            token = greedy[i] if s.request.params.greedy else pick_token(logits[i], s.request.params, s.generator)
-            s.add_token(token, self.eos, self._decode)
+            params = s.request.params
+            if not finite_rows[i]:
+                s.finish_reason = "error"
+                s.emit(NonFiniteLogitsError(s.request.adapter_id, len(s.tokens)))
+                continue
+            token = greedy[i] if params.greedy else pick_token(scores[i], params, s.generator)
+            if s.counts is not None:
+                s.counts.add(token)
+            logprob = None if params.logprobs is None else token_logprob(logits[i], token, params.logprobs,
+                                                                          self._decode)
+            s.add_token(token, self.eos, self._decode, logprob)
             out[i] = token
             if s.finish_reason is not None:
                 s.emit(s.result())
         return out
+
+    def _processed(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) scores to choose from: the model's own, or a float copy with each row's logit processing."""
+        rows = [i for i, s in enumerate(seqs) if s.request.params.processes_logits and s.finish_reason is None]
+        if not rows:
+            return logits
+        scores = logits.float().clone()
+        for i in rows:
+            s, params = seqs[i], seqs[i].request.params
+            if s.counts is None:
+                s.counts = TokenCounts(params, s.request.prompt_ids, scores.shape[-1], scores.device)
+            end_ids = [*(() if params.ignore_eos else sorted(self.eos)), *params.stop_token_ids]
+            process(scores[i], params, s.counts, end_ids)
+        return scores
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.running) if s.finish_reason is None and not s.cancelled]

@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .requests import GenerationRequest, GenerationResult
+from .requests import GenerationRequest, GenerationResult, TokenLogprob
+from .sampling import TokenCounts
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     text: str  # the new text this token completed (may be empty while a character is incomplete)
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclass(eq=False)
@@ -28,17 +30,26 @@ class Sequence:
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
     cancelled: bool = False  # set from the caller's thread; the engine drops the row at its next step
+    counts: TokenCounts | None = None  # what the penalties need (rows that process their scores)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
 
-    def add_token(self, token: int, eos: set[int], decode: Callable[[list[int]], str]) -> None:
+    def add_token(self, token: int, eos: set[int], decode: Callable[[list[int]], str],
+                  logprob: TokenLogprob | None = None) -> None:
         """Record one sampled token; emit the text that is now final; decide whether the row is done."""
         params = self.request.params
-        if token in eos and not params.ignore_eos:
-            self.finish_reason = "stop"
+        if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
+            self.finish_reason = "stop"  # the end token is not part of the output (as vLLM)
             return
         self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs = self.logprobs if self.logprobs is not None else []
+            self.logprobs.append(logprob)
+        checked = len(self.text.rstrip("\ufffd"))  # text before this token that can no longer change
         self.text = decode(self.tokens)
-        for stop in params.stop:
-            cut = self.text.find(stop) if stop else -1
+        stops = params.stop if len(self.tokens) >= params.min_tokens else ()
+        for stop in stops:
+            # only where this token may have completed it: an earlier one, before min_tokens, does not count
+            cut = self.text.find(stop, max(checked - len(stop) + 1, 0)) if stop else -1
             if cut >= 0:
                 self.text = self.text[:cut]
                 self.finish_reason = "stop"
@@ -46,7 +57,7 @@ class Sequence:
         else:
             if len(self.tokens) >= params.max_new_tokens:
                 self.finish_reason = "length"
-        self.emit(TokenEvent(token, self._final_text_delta()))
+        self.emit(TokenEvent(token, self._final_text_delta(), logprob))
 
     def _final_text_delta(self) -> str:
         """Text that can no longer change: not a partial UTF-8 character, not a possible stop-string prefix."""
@@ -62,4 +73,5 @@ class Sequence:
         return delta
 
     def result(self) -> GenerationResult:
-        return GenerationResult(self.tokens, self.text, self.finish_reason or "length", len(self.request.prompt_ids))
+        return GenerationResult(self.tokens, self.text, self.finish_reason or "length", len(self.request.prompt_ids),
+                                self.logprobs)

@@ -25,6 +25,10 @@ from .plan import AdapterPlan, plan_adapter
 from .routing import Router, RowAssignment
 from .safetensors_file import SafetensorsFormatError, load_tensors
 
+# Above this magnitude an adapter weight is absurd (trained LoRA factors, DoRA magnitudes and saved copies of
+# embeddings stay many orders of magnitude below): the load report warns.
+IMPLAUSIBLE_WEIGHT = 1e4
+
 
 @dataclass(eq=False)
 class LoadedAdapter:
@@ -221,6 +225,13 @@ class AdapterRuntime:
         if bad:
             report.dtype_errors += [f"{k} holds NaN or infinite values" for k in sorted(bad)]
             raise AdapterValidationError(report)
+        huge = {k: float(t.abs().max()) for k, t in tensors.items() if t.is_floating_point() and t.numel()}
+        huge = {k: v for k, v in huge.items() if v > IMPLAUSIBLE_WEIGHT}
+        if huge:  # served (a request whose scores overflow fails alone: non_finite_logits), but said here
+            worst = max(huge, key=huge.__getitem__)
+            report.warnings.append(f"{len(huge)} tensor(s) hold values above {IMPLAUSIBLE_WEIGHT:g} in magnitude "
+                                   f"(largest: {worst} = {huge[worst]:.3g}); trained adapters stay far below, and "
+                                   "requests with this adapter may fail with non_finite_logits")
         loaded = LoadedAdapter(plan.adapter_id, plan.adapter_type, plan.config, report)
         device = self._device()
         loaded.shared = {f: tensors[key].to(device) for f, key in plan.shared.items()}
