@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import PeftGreedy
 from peft import LoraConfig, get_peft_model
 
-from .conftest import GreedyOracle, upload
+from .conftest import upload
 
 PROMPT = "Hello adapters"
 
@@ -59,7 +60,7 @@ def test_upload_serves_own_embeddings_as_peft_and_delete_frees_them(server, base
     assert info["resident_bytes"] >= 2 * vocab * width * 4  # its own input and output embeddings
     assert upload(c, adapters["alpha"], "alpha").status_code == 201
 
-    oracle = GreedyOracle(base_model, tokenizer, {"own": own_embeddings, "alpha": adapters["alpha"]})
+    oracle = PeftGreedy(base_model, tokenizer, {"own": own_embeddings, "alpha": adapters["alpha"]})
     expected_own = oracle.tokens("own", PROMPT, 12)
     assert expected_own != oracle.tokens(None, PROMPT, 12)
     assert _gen(c, "own")["token_ids"] == expected_own
