@@ -25,7 +25,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip("the admin-page test needs Debian's chromium and chromedriver: "
                 "apt-get install -y chromium chromium-driver (.ci/run installs them in CI)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -64,7 +64,8 @@ def _listed(server: ServerProcess) -> list[str]:
 
 def _wait(driver, condition, timeout: float = 30, what: str = ""):
     try:
-        return WebDriverWait(driver, timeout).until(condition)
+        # The list is re-rendered when it changes: an element found a moment ago may be gone (look again).
+        return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         message = driver.find_element(By.ID, "message").text
         raise AssertionError(f"timed out waiting for {what}; the page says: {message!r}") from None
@@ -87,7 +88,7 @@ def _message(driver, contains: str) -> str:
 
 
 def _click_confirmed(driver, selector: str) -> None:
-    driver.find_element(By.CSS_SELECTOR, selector).click()
+    _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector).click() or True, 10, selector)
     _wait(driver, expected_conditions.alert_is_present(), 10, "the confirmation")
     driver.switch_to.alert.accept()
 
@@ -154,7 +155,7 @@ def test_page_lists_uploads_activates_deletes(keyed_server, browser, adapters) -
     _click_confirmed(driver, '#adapters tr[data-id="beta"] button.delete')
     _message(driver, "Deleted beta")
     assert _listed(server) == ["alpha", "gamma"] and not (server.store / "beta").exists()
-    assert _rows(driver) == ["alpha", "gamma"]
+    _wait(driver, lambda d: _rows(d) == ["alpha", "gamma"], what="two rows")
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "admin-page.png"

@@ -66,7 +66,12 @@ function button(label, onClick, className) {
   return b;
 }
 
+let rendered = null; // the listing on screen: rows are rebuilt only when it changed (a button stays put)
+
 function render(listing) {
+  const text = JSON.stringify(listing);
+  if (text === rendered) return;
+  rendered = text;
   const body = $("adapters").tBodies[0];
   body.replaceChildren();
   for (const a of listing.adapters) {
@@ -106,13 +111,15 @@ async function refreshAdapters() {
 }
 
 async function act(action, doing, done) {
+  let outcome;
   try {
     const result = await doing();
-    show(typeof done === "function" ? done(result) : done, "ok");
+    outcome = [typeof done === "function" ? done(result) : done, "ok"];
   } catch (error) {
-    show(explain(error, action), "error");
+    outcome = [explain(error, action), "error"];
   }
-  await refreshAdapters();
+  await refreshAdapters(); // the list first, then the message: what it says is on screen when it shows
+  show(...outcome);
 }
 
 function activate(id) {
