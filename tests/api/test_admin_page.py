@@ -156,6 +156,7 @@ def test_page_lists_uploads_activates_deletes(keyed_server, browser, adapters) -
     _message(driver, "Deleted beta")
     assert _listed(server) == ["alpha", "gamma"] and not (server.store / "beta").exists()
     _wait(driver, lambda d: _rows(d) == ["alpha", "gamma"], what="two rows")
+    assert driver.find_element(By.ID, "resident-count").text == "2 / 2"  # the tiles follow the action too
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "admin-page.png"

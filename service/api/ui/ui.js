@@ -118,7 +118,8 @@ async function act(action, doing, done) {
   } catch (error) {
     outcome = [explain(error, action), "error"];
   }
-  await refreshAdapters(); // the list first, then the message: what it says is on screen when it shows
+  // The list and the tiles first, then the message: what it says is on screen when it shows.
+  await Promise.all([refreshAdapters(), refreshMetrics()]);
   show(...outcome);
 }
 
