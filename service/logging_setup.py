@@ -1,10 +1,17 @@
-"""Logging: plain or JSON lines, each carrying the id of the request being served (if any)."""
+"""Logging: plain or JSON lines, each carrying the id of the request being served (if any).
+
+Everything the process writes goes through the one root handler: Python warnings (captured into the
+`py.warnings` logger), uvicorn's loggers and transformers' (which otherwise has a handler of its own). With
+JSON lines, progress bars (tqdm, Hugging Face downloads and checkpoint loading) are turned off: a bar is not a
+line a log shipper can parse.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import json
 import logging
+import os
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -19,7 +26,8 @@ class RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; fields passed with `extra=` are kept."""
 
-    _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+    # uvicorn adds `color_message` (its message with ANSI colour codes) to its records: not for a JSON line
+    _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         data = {
@@ -36,6 +44,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, json_lines: bool) -> None:
+    if json_lines:
+        _disable_progress_bars()
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     if json_lines:
@@ -48,3 +58,25 @@ def configure_logging(level: str, json_lines: bool) -> None:
     for name in ("uvicorn", "uvicorn.error"):  # uvicorn's own lines go through the same handler
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger, formatted like every line
+    _route_transformers_logging()
+
+
+def _disable_progress_bars() -> None:
+    os.environ["TQDM_DISABLE"] = "1"  # any tqdm bar (tqdm reads it when a bar is created)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub at import, if not imported yet
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()  # checkpoint loading; it turns off huggingface_hub's download bars too
+
+
+def _route_transformers_logging() -> None:
+    """transformers logs through a stream handler of its own that does not propagate: hand its lines to ours."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()

@@ -1,12 +1,26 @@
-"""Prometheus metrics of one service instance (its own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one service instance (its own registry, so several apps can live in one process).
+
+Per-adapter series carry an `adapter` label ("base" for the base model) and are dropped when the adapter is
+deleted (`forget_adapter`). The process's CPU, memory and open files come from prometheus_client's process
+and platform collectors, registered on the same registry.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -14,6 +28,8 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=r)  # python_info
         self.requests = Counter("adapter_service_requests", "HTTP requests by endpoint, status and adapter",
                                 ["endpoint", "method", "status", "adapter"], registry=r)
         self.latency = Histogram("adapter_service_request_duration_seconds", "HTTP request latency",
@@ -21,6 +37,18 @@ class ServiceMetrics:
         self.ttft = Histogram("adapter_service_time_to_first_token_seconds", "Time from admission to first token",
                               ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("adapter_service_generated_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("adapter_service_prompt_tokens", "Prompt tokens of admitted generations",
+                                     ["adapter"], registry=r)
+        self.generation_seconds = Histogram(
+            "adapter_service_generation_duration_seconds", "Admission to last token of one generation, per adapter",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "adapter_service_time_per_output_token_seconds", "Mean time between output tokens after the first, "
+            "per generation of two or more tokens", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.adapter_loads = Counter("adapter_service_adapter_loads", "Adapters loaded into model memory "
+                                     "(uploads, restores and loads on demand)", registry=r)
+        self.adapter_evictions = Counter("adapter_service_adapter_evictions", "Idle adapters evicted from model "
+                                         "memory to make room (least recently used)", registry=r)
         self.load_seconds = Histogram("adapter_service_adapter_load_seconds", "Adapter validate+load duration",
                                       buckets=_LOAD_BUCKETS, registry=r)
         self.delete_seconds = Histogram("adapter_service_adapter_delete_seconds", "Adapter delete duration",
@@ -30,8 +58,12 @@ class ServiceMetrics:
         self.adapters_resident = Gauge("adapter_service_adapters_resident", "Adapters in model memory", registry=r)
         self.adapters_registered = Gauge("adapter_service_adapters_registered", "Adapters in the store", registry=r)
         self.adapter_bytes = Gauge("adapter_service_adapter_bytes", "Bytes held by resident adapters", registry=r)
+        self.adapters = Gauge("adapter_service_adapters", "Adapters by state: registered (served, in the store) "
+                              "and resident (of those, in model memory)", ["state"], registry=r)
         self._per_adapter = ((self.requests, ("endpoint", "method", "status", "adapter")),
-                             (self.ttft, ("adapter",)), (self.tokens, ("adapter",)))
+                             (self.ttft, ("adapter",)), (self.tokens, ("adapter",)),
+                             (self.prompt_tokens, ("adapter",)), (self.generation_seconds, ("adapter",)),
+                             (self.time_per_output_token, ("adapter",)))
 
     def bind(
         self, queue_depth: Callable[[], float], batch_size: Callable[[], float], resident: Callable[[], float],
@@ -42,6 +74,8 @@ class ServiceMetrics:
         self.batch_size.set_function(batch_size)
         self.adapters_resident.set_function(resident)
         self.adapters_registered.set_function(registered)
+        self.adapters.labels("resident").set_function(resident)
+        self.adapters.labels("registered").set_function(registered)
         self.adapter_bytes.set_function(adapter_bytes)
 
     def forget_adapter(self, adapter_id: str) -> None:

@@ -16,7 +16,15 @@ from ..app import AdapterService
 from ..app.sources import StartupAdapterError, register_startup_adapters
 from ..metrics import ServiceMetrics
 from ..settings import Settings
-from . import routes_adapters, routes_generate, routes_health, routes_metrics, routes_openai, routes_vllm
+from . import (
+    routes_adapters,
+    routes_generate,
+    routes_health,
+    routes_metrics,
+    routes_openai,
+    routes_ui,
+    routes_vllm,
+)
 from .auth import ApiKeys
 from .body_limit import StreamedBodyLimit
 from .errors import install_error_handlers
@@ -58,6 +66,7 @@ def create_app(settings: Settings, service: AdapterService | None = None, title:
     app.add_middleware(StreamedBodyLimit, max_body_bytes=settings.max_request_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)  # inside the request-id middleware
     install_request_middleware(app, metrics, settings.max_request_body_bytes, settings.max_upload_bytes)
-    for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics):
+    for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics,
+                   routes_ui):
         app.include_router(module.router)
     return app

@@ -10,6 +10,7 @@ from ..app import BASE, GenerationEvent, GenerationInput
 from ..engine import GenerationResult, SamplingParams
 from .auth import require
 from .deps import Svc
+from .middleware import count_tokens
 from .schemas import GenerateRequest, GenerateResponse, Usage
 from .streaming import error_event, served_by_header, sse_event, sse_response
 
@@ -39,6 +40,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
         seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
     )
     generation = await service.generate(GenerationInput(params, adapter=body.adapter_id, prompt=body.prompt))
+    count_tokens(request, generation)
     label = generation.adapter_id or BASE
     request.state.adapter_id = label
     headers = served_by_header(generation)

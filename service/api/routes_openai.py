@@ -14,6 +14,7 @@ from ..engine import SamplingParams, TokenLogprob
 from ..errors import InvalidRequestError
 from .auth import require
 from .deps import Svc
+from .middleware import count_tokens
 from .openai_format import chat_logprobs, completion_logprobs, results, stream, usage
 from .schemas_openai import ChatCompletionRequest, CompletionRequest
 from .streaming import served_by_header, sse_response
@@ -70,12 +71,13 @@ def _copies(inputs: list[GenerationInput], n: int) -> list[GenerationInput]:
     return [replace(item, params=seeded(item.params, j)) for item in inputs for j in range(n)]
 
 
-async def _admit_all(service: AdapterService, inputs: list[GenerationInput]) -> list[Generation]:
+async def _admit_all(service: AdapterService, inputs: list[GenerationInput], request: Request) -> list[Generation]:
     """Admit every choice before any runs, so a refusal answers the whole request (and frees the others)."""
     admitted: list[Generation] = []
     try:
         for item in inputs:
             admitted.append(await service.generate(item))
+            count_tokens(request, admitted[-1])
     except BaseException:
         for generation in admitted:
             await generation.events.aclose()  # type: ignore[attr-defined]
@@ -93,7 +95,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     request.state.adapter_id = body.model
     params = _params(body, body.max_tokens or 16, body.logprobs)
     inputs = _copies(_inputs(body.prompt, _adapter_for(service, body.model), params), body.n)
-    generations = await _admit_all(service, inputs)
+    generations = await _admit_all(service, inputs, request)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
     if body.stream:
@@ -127,7 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     params = _params(body, body.max_completion_tokens or body.max_tokens or 256, body.top_logprob_count())
     inputs = _copies([GenerationInput(params, _adapter_for(service, body.model), messages=messages)], body.n)
-    generations = await _admit_all(service, inputs)
+    generations = await _admit_all(service, inputs, request)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": body.model}
     if body.stream:

@@ -46,6 +46,17 @@ class SourceRequest(BaseModel):
                                     "or a directory under --lora-root")
 
 
+class AdapterUsageInfo(BaseModel):
+    """Since the server started; on a Ray cluster what the answering ingress relayed (loads/evictions null)."""
+
+    requests: int = Field(description="generations admitted on this adapter")
+    prompt_tokens: int
+    completion_tokens: int
+    last_used: str | None = Field(description="ISO 8601 UTC time of the latest generation")
+    loads: int | None = Field(description="loads into model memory (null on a Ray cluster)")
+    evictions: int | None = Field(description="evictions to make room for another adapter (null on Ray)")
+
+
 class AdapterInfo(BaseModel):
     id: str
     type: str
@@ -61,6 +72,7 @@ class AdapterInfo(BaseModel):
     load_ms: float | None = Field(description="duration of the latest load into model memory")
     warnings: list[str] = Field(default_factory=list, description="the load report's warnings: served, but worth "
                                 "a look (e.g. another base model named in the config, absurdly large weights)")
+    usage: AdapterUsageInfo | None = Field(default=None, description="what the adapter has served")
 
 
 class AdapterList(BaseModel):

@@ -4,6 +4,7 @@ from .interface import (
     BASE,
     Activation,
     AdapterService,
+    AdapterUsage,
     AdapterView,
     Deletion,
     Export,
@@ -12,9 +13,10 @@ from .interface import (
     GenerationInput,
     Health,
     Listing,
+    TokenCounts,
 )
 
 __all__ = [
-    "BASE", "Activation", "AdapterService", "AdapterView", "Deletion", "Export", "Generation", "GenerationEvent",
-    "GenerationInput", "Health", "Listing",
+    "BASE", "Activation", "AdapterService", "AdapterUsage", "AdapterView", "Deletion", "Export", "Generation",
+    "GenerationEvent", "GenerationInput", "Health", "Listing", "TokenCounts",
 ]

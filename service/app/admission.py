@@ -1,5 +1,5 @@
 """Generation admission: limits, tokenizing off the event loop, the adapter's lease and residency, the engine's
-queue, the timeout, cancellation and per-adapter metrics.
+queue, the timeout and cancellation (per-adapter metrics and usage: usage.py).
 
 Shared by the single-process service and the Ray replicas, so every front door admits the same way.
 """
@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, Protocol
 
-from ..engine import Engine, GenerationRequest, GenerationResult, QueueFullError, RequestHandle, TokenEvent
+from ..engine import Engine, GenerationRequest, GenerationResult, QueueFullError, RequestHandle
 from ..errors import GenerationTimeoutError, InvalidRequestError, OverloadedError, RequestLimitError
-from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .interface import GenerationEvent, GenerationInput
 
@@ -48,11 +47,10 @@ def prompt_ids(tokenizer: Any, request: GenerationInput) -> list[int]:
 
 
 class Admission:
-    def __init__(self, engine: Engine, leases: Leases, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, engine: Engine, leases: Leases, settings: Settings) -> None:
         self.engine = engine
         self.leases = leases
         self.settings = settings
-        self.metrics = metrics
         self.vocab_size = engine.model.config.get_text_config().vocab_size  # an adapter may wrap the embedding
 
     async def tokenize(self, request: GenerationInput) -> list[int]:
@@ -79,7 +77,7 @@ class Admission:
             raise RequestLimitError("max_new_tokens_too_large", f"at most {limits.max_new_tokens} new tokens per "
                                     "request", {"max_new_tokens": limits.max_new_tokens})
 
-    async def start(self, request: GenerationRequest, label: str) -> AsyncIterator[GenerationEvent]:
+    async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Token events then the result. Admission errors raise here, before any event; the row and the
         adapter's lease are released when the returned iterator is closed."""
         self.check(request)
@@ -94,12 +92,11 @@ class Admission:
         except BaseException:
             await stack.aclose()
             raise
-        return self._events(handle, stack, label)
+        return self._events(handle, stack)
 
-    async def _events(self, handle: RequestHandle, stack: AsyncExitStack, label: str) -> AsyncIterator[GenerationEvent]:
+    async def _events(self, handle: RequestHandle, stack: AsyncExitStack) -> AsyncIterator[GenerationEvent]:
         timeout = self.settings.request_timeout_s
-        start = time.perf_counter()
-        deadline, first = start + timeout, True
+        deadline = time.perf_counter() + timeout
         try:
             iterator = aiter(handle.events())
             while True:
@@ -109,11 +106,6 @@ class Admission:
                     return
                 except TimeoutError:
                     raise GenerationTimeoutError(timeout) from None
-                if isinstance(event, TokenEvent):
-                    if first:
-                        self.metrics.ttft.labels(label).observe(time.perf_counter() - start)
-                        first = False
-                    self.metrics.tokens.labels(label).inc()
                 yield event
                 if isinstance(event, GenerationResult):
                     return

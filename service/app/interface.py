@@ -20,6 +20,23 @@ from ..metrics import ServiceMetrics
 BASE = "base"  # the adapter name that always means the base model
 
 
+@dataclass
+class AdapterUsage:
+    """What one adapter has served since the server started (counts are not kept across restarts).
+
+    `last_used`: ISO 8601 UTC time of its latest generation. `loads`: loads into model memory (the upload's or
+    restore's first one included); `evictions`: times it was evicted to make room for another. On a Ray
+    cluster the counts are those of the ingress that answers (generations it relayed) and `loads`/`evictions`
+    are None: replicas load and evict on their own."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_used: str | None = None
+    loads: int | None = 0
+    evictions: int | None = 0
+
+
 @dataclass(frozen=True)
 class AdapterView:
     """What a client sees of one adapter."""
@@ -37,6 +54,7 @@ class AdapterView:
     resident: bool
     load_ms: float | None
     warnings: list[str] = field(default_factory=list)  # the load report's warnings (served, but worth a look)
+    usage: AdapterUsage | None = None  # a snapshot; None where the service keeps none
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,14 @@ GenerationEvent = TokenEvent | GenerationResult
 
 
 @dataclass
+class TokenCounts:
+    """Tokens of one generation so far: the prompt's, and those generated (filled as its events pass)."""
+
+    prompt: int = 0
+    completion: int = 0
+
+
+@dataclass
 class Generation:
     """An admitted generation: `adapter_id` is the adapter it runs on (None: the base model); `events` yields
     token events then the result, and must be closed. `served_by`: the replica that runs it (Ray only)."""
@@ -93,6 +119,7 @@ class Generation:
     adapter_id: str | None
     events: AsyncIterator[GenerationEvent]
     served_by: str | None = None
+    tokens: TokenCounts = field(default_factory=TokenCounts)  # live counts, for the request's access-log line
 
     async def result(self) -> GenerationResult:
         """Drain to the final result (the events are closed either way)."""

@@ -70,6 +70,7 @@ class Lifecycle:
                     log.error("skipping stored adapter %s: %s", item.id, exc)
                     continue
                 record.load_ms = (time.perf_counter() - start) * 1000
+                self.residency.counted_load(record)
             self.registry.add(record)
         if active is not None and active in self.registry.records and self.registry.records[active].loaded:
             fused = self.store.get_active_fused()
@@ -104,7 +105,7 @@ class Lifecycle:
 
             await self.residency.attach(prepared, keep=adapter_id, then=commit)
             assert record is not None
-            self.metrics.load_seconds.observe(record.load_ms / 1000)
+            self.residency.counted_load(record)
             log.info("adapter %s loaded (%d bytes resident, %.1f ms)", adapter_id, record.resident_bytes,
                      record.load_ms)
             return record

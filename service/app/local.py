@@ -32,6 +32,7 @@ from .registry import AdapterRecord, AdapterRegistry, record_view
 from .residency import Residency
 from .sources import SourceRegistry
 from .storage_errors import storage_errors
+from .usage import MeteredEvents
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class LocalAdapterService:
         self.residency = Residency(self.registry, engine, settings.max_resident_adapters, self.metrics,
                                    pinned=self._fused_active)
         self.lifecycle = Lifecycle(self.registry, self.residency, store, engine, self.metrics)
-        self.admission = Admission(engine, self.residency, settings, self.metrics)
+        self.admission = Admission(engine, self.residency, settings)
         self.sources = SourceRegistry.from_settings(settings)
 
     @classmethod
@@ -236,8 +237,12 @@ class LocalAdapterService:
     async def generate(self, request: GenerationInput) -> Generation:
         adapter_id = self._resolve(request.adapter)
         ids = await self.admission.tokenize(request)
-        events = await self.admission.start(GenerationRequest(ids, adapter_id, request.params), adapter_id or BASE)
-        return Generation(adapter_id, events)
+        events = await self.admission.start(GenerationRequest(ids, adapter_id, request.params))
+        usage = self.registry.get(adapter_id).usage if adapter_id is not None else None
+        generation = Generation(adapter_id, events)
+        generation.events = MeteredEvents(events, adapter_id or BASE, self.metrics, usage, generation.tokens,
+                                          prompt_tokens=len(ids))
+        return generation
 
 
 async def _held_chunks(chunks, held: AsyncExitStack) -> AsyncIterator[bytes]:

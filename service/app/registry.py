@@ -5,13 +5,13 @@ Lock discipline: touched only from the event loop thread, never across an `await
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import AdapterExistsError, AdapterLimitError, AdapterNotFoundError, InvalidAdapterIdError
 from ..runtime import LoadedAdapter
 from ..store import StoredAdapter, new_adapter_id, validate_adapter_id
-from .interface import BASE, AdapterView
+from .interface import BASE, AdapterUsage, AdapterView
 
 
 @dataclass(eq=False)
@@ -22,6 +22,7 @@ class AdapterRecord:
     loaded: LoadedAdapter | None = None  # None while not resident
     last_used: float = 0.0
     load_ms: float | None = None  # duration of the latest load into model memory
+    usage: AdapterUsage = field(default_factory=AdapterUsage)  # requests, tokens, loads, evictions since start
 
     @property
     def id(self) -> str:
@@ -42,7 +43,7 @@ class AdapterRecord:
 
 def adapter_view(
     summary: dict[str, Any], *, adapter_id: str, sha256: str, created_at: str, active: bool, resident: bool,
-    resident_bytes: int, load_ms: float | None,
+    resident_bytes: int, load_ms: float | None, usage: AdapterUsage | None = None,
 ) -> AdapterView:
     """The client's view of an adapter from its config summary (serve and the Ray ingress alike)."""
     return AdapterView(
@@ -51,7 +52,7 @@ def adapter_view(
         alpha=float(summary.get("lora_alpha", summary.get("alpha", 0)) or 0),
         target_modules=summary.get("target_modules"), modules_to_save=summary.get("modules_to_save") or [],
         resident_bytes=resident_bytes, sha256=sha256, active=active, created_at=created_at, resident=resident,
-        load_ms=load_ms, warnings=list(summary.get("warnings") or []),
+        load_ms=load_ms, warnings=list(summary.get("warnings") or []), usage=usage,
     )
 
 
@@ -59,7 +60,7 @@ def record_view(record: AdapterRecord, active: str | None) -> AdapterView:
     return adapter_view(
         {**record.summary, "rank": record.rank}, adapter_id=record.id, sha256=record.stored.sha256,
         created_at=record.stored.created_at, active=record.id == active, resident=record.loaded is not None,
-        resident_bytes=record.resident_bytes, load_ms=record.load_ms,
+        resident_bytes=record.resident_bytes, load_ms=record.load_ms, usage=replace(record.usage),
     )
 
 

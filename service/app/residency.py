@@ -103,7 +103,7 @@ class Residency:
             # Registered as resident inside `attach`, before its slot is given back: counted by the next load.
             await self.attach(prepared, keep=adapter_id, then=lambda loaded: setattr(record, "loaded", loaded))
             record.load_ms = (time.perf_counter() - start) * 1000
-            self.metrics.load_seconds.observe(record.load_ms / 1000)
+            self.counted_load(record)
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
 
     async def attach(self, prepared: LoadedAdapter, keep: str, then: Callable[[LoadedAdapter], object] | None = None):
@@ -151,8 +151,17 @@ class Residency:
                 victim = min(idle, key=lambda r: r.last_used)
                 victim.loaded = None  # from now on a request for it loads it again (after this delete runs)
                 await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
+                victim.usage.evictions = (victim.usage.evictions or 0) + 1
+                self.metrics.adapter_evictions.inc()
                 log.info("evicted adapter %s (least recently used)", victim.id)
             self._slots_reserved += 1
+
+    def counted_load(self, record: AdapterRecord) -> None:
+        """Count a load into model memory (metrics and the adapter's usage); `record.load_ms` is its duration."""
+        record.usage.loads = (record.usage.loads or 0) + 1
+        self.metrics.adapter_loads.inc()
+        if record.load_ms is not None:
+            self.metrics.load_seconds.observe(record.load_ms / 1000)
 
     async def _room_changed(self) -> None:
         async with self._room:

@@ -15,16 +15,29 @@ import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError as ServeReplicaUnavailable
 
-from ..app import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
+from ..app import (
+    BASE,
+    Activation,
+    AdapterUsage,
+    AdapterView,
+    Deletion,
+    Export,
+    Generation,
+    GenerationInput,
+    Health,
+    Listing,
+)
 from ..app.registry import adapter_view, claim_adapter_id
 from ..app.sources import SourceRegistry
 from ..app.storage_errors import storage_errors
+from ..app.usage import MeteredEvents
 from ..engine import GenerationResult, TokenEvent, TokenLogprob
 from ..errors import (
     AdapterExistsError,
@@ -80,6 +93,8 @@ class ClusterAdapterService:
         self.sources = SourceRegistry.from_settings(settings)
         self._in_use: Counter[str] = Counter()  # downloads, exports and merges reading an adapter here
         self._unused = asyncio.Condition()
+        # Usage of the generations this ingress relayed; loads and evictions happen on replicas: None here.
+        self._usage: dict[str, AdapterUsage] = {}
 
     async def call_replica(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Await a replica call; if its replica died first, send it again (Serve routes it to a live one)."""
@@ -113,12 +128,15 @@ class ClusterAdapterService:
 
     # ---- reads -------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _view(entry: dict[str, Any], active: str | None, resident: set[str]) -> AdapterView:
+    def _adapter_usage(self, adapter_id: str) -> AdapterUsage:
+        return self._usage.setdefault(adapter_id, AdapterUsage(loads=None, evictions=None))
+
+    def _view(self, entry: dict[str, Any], active: str | None, resident: set[str]) -> AdapterView:
         is_resident = model_id(entry["id"], entry["version"]) in resident
         return adapter_view(entry["summary"], adapter_id=entry["id"], sha256=entry["sha256"],
                             created_at=entry["created_at"], active=entry["id"] == active, resident=is_resident,
-                            resident_bytes=entry["resident_bytes"] if is_resident else 0, load_ms=None)
+                            resident_bytes=entry["resident_bytes"] if is_resident else 0, load_ms=None,
+                            usage=replace(self._adapter_usage(entry["id"])))
 
     async def get(self, adapter_id: str) -> AdapterView:
         entry = await self._entry(adapter_id)
@@ -265,6 +283,8 @@ class ClusterAdapterService:
             await self.state.abort_delete.remote(adapter_id)
             raise
         await self.state.finish_delete.remote(adapter_id)
+        self._usage.pop(adapter_id, None)
+        self.metrics.forget_adapter(adapter_id)
         return Deletion(adapter_id, sum(acks["freed"].values()))
 
     async def activate(self, adapter_id: str, fuse: bool = False) -> Activation:
@@ -325,7 +345,12 @@ class ClusterAdapterService:
         streaming = self.replicas.options(multiplexed_model_id=name, stream=True)
         wire = {**request.to_wire(), "adapter": entry["id"] if entry else BASE}
         chunks, head = await self._stream(lambda: streaming.generate_stream.remote(wire, fused))
-        return Generation(entry["id"] if entry else None, _relay(chunks, event_from_wire), served_by=head["replica"])
+        adapter_id = entry["id"] if entry else None
+        generation = Generation(adapter_id, _relay(chunks, event_from_wire), served_by=head["replica"])
+        usage = self._adapter_usage(adapter_id) if adapter_id is not None else None
+        generation.events = MeteredEvents(generation.events, adapter_id or BASE, self.metrics, usage,
+                                          generation.tokens)
+        return generation
 
     async def _stream(self, start: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
         """Start a replica's streaming method; its first item is a head (an error raises here)."""

@@ -30,7 +30,6 @@ from ..failpoints import failpoint
 from ..merging import MergeSpec, merge
 from ..merging.adapter_files import write_peft_adapter
 from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
-from ..metrics import ServiceMetrics
 from ..model_loading import load_base_model
 from ..runtime import AdapterRuntime
 from ..runtime.adapter_types.base import NotMergeableError
@@ -74,7 +73,7 @@ class AdapterReplica:
                              prefill_token_budget=self.settings.prefill_token_budget)
         self.engine.start()
         self.adapters = ResidentAdapters(self.engine)
-        self.admission = Admission(self.engine, self.adapters, self.settings, ServiceMetrics())
+        self.admission = Admission(self.engine, self.adapters, self.settings)
         self.source = SharedDirectorySource(self.settings.store)
         self.state = state_actor(self.settings.store, self.settings.max_adapters, self.settings.replica_lease_s)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -201,8 +200,7 @@ class AdapterReplica:
                     # Leased at once (no await in between): an LRU eviction can no longer free it under us.
                     await hold.enter_async_context(self.adapters.lease(model_id))
                 await self._follow_fused(fused)
-                events = await self.admission.start(GenerationRequest(ids, model_id, request.params),
-                                                    request.adapter or "base")
+                events = await self.admission.start(GenerationRequest(ids, model_id, request.params))
         except ServiceError as exc:
             yield error_reply(exc)
             return

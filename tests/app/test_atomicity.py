@@ -71,7 +71,8 @@ async def snapshot(service: local_module.LocalAdapterService) -> dict[str, Any]:
     listing = await service.list()
     ids = [view.id for view in listing.adapters]
     return {
-        "listing": [asdict(view) for view in listing.adapters],
+        # usage counts the snapshot's own generations below: not state an operation changes
+        "listing": [{**asdict(view), "usage": None} for view in listing.adapters],
         "listing.active": listing.active,
         "service": (service.active, service.fused),
         "runtime": await service.engine.call(lambda rt: (sorted(rt.adapters), rt.active, rt.fused)),

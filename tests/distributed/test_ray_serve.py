@@ -266,6 +266,10 @@ def test_openai_routes_on_replicas_match_generate(cluster, oracle) -> None:
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     counted = 'adapter_service_requests_total{adapter="oa",endpoint="/v1/completions",method="POST",status="200"}'
     assert f"{counted} 3.0" in metrics.text.splitlines(), "the ingress counts its own requests, by adapter"
+    usage = c.get("/adapters/oa").json()["usage"]  # what this ingress relayed; replicas load and evict
+    assert usage["requests"] == 5 and usage["loads"] is None and usage["evictions"] is None
+    relayed = f'adapter_service_generated_tokens_total{{adapter="oa"}} {usage["completion_tokens"]:.1f}'
+    assert usage["completion_tokens"] > 0 and relayed in metrics.text.splitlines()
     assert c.delete("/adapters/oa").status_code == 200
 
 
