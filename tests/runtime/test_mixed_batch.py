@@ -114,16 +114,17 @@ def test_stacked_path_with_different_ranks_and_bias(tmp_path) -> None:
     for name, path in dirs.items():
         runtime.load(name, path)
     rows = ["r8", "bias", None, "r2", "r8", "bias"]
-    ids = input_ids(batch=len(rows), length=5)
-    for _ in range(2):  # the second forward reuses the stacked weights and row layout
-        with torch.no_grad(), runtime.route(rows):
-            mixed = model(input_ids=ids).logits
+    for length in (5, 1):  # prefill-shaped (per-group path), then decode-shaped (one token per row: stacked)
+        ids = input_ids(batch=len(rows), length=length)
+        for _ in range(2):  # the second forward reuses the stacked weights and row layout
+            with torch.no_grad(), runtime.route(rows):
+                mixed = model(input_ids=ids).logits
+        for adapter in set(rows):
+            idx = [i for i, r in enumerate(rows) if r == adapter]
+            expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+            torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
     wrapper = runtime._wrappers["model.layers.0.self_attn.v_proj"]
     assert wrapper._stack is not None and wrapper._stack.adapter_ids == ("r8", "bias", "r2")
-    for adapter in set(rows):
-        idx = [i for i, r in enumerate(rows) if r == adapter]
-        expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
-        torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
     stacked = weakref.ref(wrapper._stack.A)
     runtime.delete("r8")
     gc.collect()

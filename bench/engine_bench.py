@@ -1,0 +1,181 @@
+"""In-process engine benchmark: the continuous batcher driven directly, no HTTP, so ratios isolate the engine.
+
+`python -m bench.engine_bench [--quick]` measures, each against the base model in the same run and interleaved
+(the machine is shared and noisy):
+- throughput with many adapters (48 LoRAs of ranks 8/16/32/64 over three target sets, Zipf(1.0) popularity);
+- scaling curves: distinct adapters in the batch (1, 8, 32, 128), rank (8 to 128);
+- host overhead on a deep, thin model (32 layers, hidden 64): one decode step of the engine with 16 rows
+  over 8 adapters vs the bare transformers forward of the same batch without adapters.
+Closed loop: `clients` rows are always in flight; a finished request is replaced at once by the next one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from service.devtools.demo_model import build_demo_tokenizer
+from service.devtools.make_adapter import write_demo_adapter
+from service.engine.requests import GenerationRequest, SamplingParams
+from service.engine.scheduler import ContinuousBatcher
+from service.engine.sequence import Sequence as EngineSequence
+from service.runtime import AdapterRuntime
+
+RANKS = (8, 16, 32, 64)
+TARGET_SETS = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+PROMPT_IDS = [1] + [ord(c) for c in "The weather in "]  # 16 tokens, as bench/load.py
+
+
+def pool_shape(index: int) -> tuple[int, tuple[str, ...]]:
+    """Adapter `index`'s (rank, targets): ranks cycle fastest, so every rank meets every target set."""
+    return RANKS[index % len(RANKS)], TARGET_SETS[(index // len(RANKS)) % len(TARGET_SETS)]
+
+
+def ensure_pool(cache_dir: Path, model_dir: Path, count: int, shape: Callable[[int], tuple[int, tuple[str, ...]]]
+                = pool_shape, tag: str = "pool") -> list[tuple[str, Path]]:
+    """`count` seeded LoRA adapters (cached on disk); returns (adapter id, directory)."""
+    out = []
+    for i in range(count):
+        rank, targets = shape(i)
+        path = cache_dir / tag / f"{i}-r{rank}-{len(targets)}"
+        if not (path / "adapter_model.safetensors").exists():
+            write_demo_adapter(path, model_dir, rank=rank, alpha=2 * rank, target_modules=targets, seed=5000 + i)
+        out.append((f"{tag}-{i}", path))
+    return out
+
+
+def zipf_picker(ids: Sequence[str], s: float, seed: int) -> Callable[[], str]:
+    weights = [1.0 / (k + 1) ** s for k in range(len(ids))]
+    rng = random.Random(seed)
+    return lambda: rng.choices(ids, weights)[0]
+
+
+@dataclass
+class Run:
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def closed_loop(batcher: ContinuousBatcher, pick: Callable[[], str | None], clients: int, requests: int,
+                max_new_tokens: int) -> Run:
+    """Run `requests` requests with `clients` always in flight; tokens/s of the whole run."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    done: list[EngineSequence] = []
+    submitted = 0
+
+    def submit() -> None:
+        nonlocal submitted
+        submitted += 1
+        seq = EngineSequence(GenerationRequest(list(PROMPT_IDS), pick(), params), lambda e: None)
+        seq.emit = lambda event, s=seq: done.append(s) if hasattr(event, "finish_reason") else None
+        batcher.waiting.append(seq)
+
+    for _ in range(min(clients, requests)):
+        submit()
+    start = time.perf_counter()
+    while not batcher.idle:
+        before = len(done)
+        batcher.step()
+        for _ in range(len(done) - before):
+            if submitted < requests:
+                submit()
+    elapsed = time.perf_counter() - start
+    return Run(sum(len(s.tokens) for s in done), elapsed)
+
+
+def bench_model(cache_dir: Path) -> Path:
+    from .model import ensure_model
+    return ensure_model(cache_dir)
+
+
+def load_runtime(model_dir: Path, device: str, dtype: torch.dtype) -> tuple[LlamaForCausalLM, AdapterRuntime]:
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, AdapterRuntime(model)
+
+
+def thin_model(layers: int = 32, hidden: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=2 * hidden, vocab_size=512, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def host_overhead(cache_dir: Path, rows: int = 16, adapters: int = 8, steps: int = 40, repeats: int = 5) -> dict:
+    """ms per decode step: bare transformers forward (no adapters) vs the engine's step (8 adapters on q,v)."""
+    model = thin_model()
+    model_dir = cache_dir / "thin-model"
+    if not (model_dir / "config.json").exists():
+        model.save_pretrained(model_dir)
+    runtime = AdapterRuntime(model)
+    ids = [f"thin-{i}" for i in range(adapters)]
+    for i, name in enumerate(ids):
+        path = cache_dir / "thin-pool" / name
+        if not (path / "adapter_model.safetensors").exists():
+            write_demo_adapter(path, model_dir, rank=8, target_modules=("q_proj", "v_proj"), seed=9000 + i)
+        runtime.load(name, path)
+    tokenizer = build_demo_tokenizer()
+
+    def bare() -> float:
+        # The same batch shape as the engine's: `rows` rows decoding one token after a 16-token prompt.
+        with torch.inference_mode():
+            ids_ = torch.randint(0, 500, (rows, 16))
+            with runtime.route([None] * rows):
+                pass
+            cache = DynamicCache()
+            out = _unwrapped_forward(runtime, model, ids_, cache)
+            last = out.argmax(-1)[:, None]
+            mask = torch.ones((rows, 17), dtype=torch.long)
+            pos = torch.full((rows, 1), 16)
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = _unwrapped_forward(runtime, model, last, cache, mask, pos)
+                last = logits.argmax(-1)[:, None]
+                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+                pos = pos + 1
+            return (time.perf_counter() - start) / steps * 1000
+
+    def engine(row_ids: list[str | None]) -> float:
+        batcher = ContinuousBatcher(model, tokenizer, runtime, max_batch_size=rows, prefill_token_budget=4096)
+        params = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)
+        for name in row_ids:
+            batcher.waiting.append(EngineSequence(GenerationRequest(list(PROMPT_IDS), name, params), lambda e: None))
+        batcher.step()  # prefill + first decode
+        start = time.perf_counter()
+        for _ in range(steps):
+            batcher.step()
+        return (time.perf_counter() - start) / steps * 1000
+
+    results: dict[str, list[float]] = {"bare forward, no adapters": [], "engine, base": [],
+                                       "engine, 1 adapter": [], f"engine, {adapters} adapters": []}
+    for _ in range(repeats):  # interleaved; the minimum is the least disturbed
+        results["bare forward, no adapters"].append(bare())
+        results["engine, base"].append(engine([None] * rows))
+        results["engine, 1 adapter"].append(engine([ids[0]] * rows))
+        results[f"engine, {adapters} adapters"].append(engine([ids[i % adapters] for i in range(rows)]))
+    return {k: min(v) for k, v in results.items()}
+
+
+def _unwrapped_forward(runtime: AdapterRuntime, model, ids, cache, mask=None, pos=None):
+    """A forward with every wrapper taken out (the bare transformers model), then put back."""
+    saved = dict(runtime._wrappers)
+    for name in saved:
+        parent, attr = runtime.index.parents[name]
+        setattr(parent, attr, saved[name].base_layer)
+    try:
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True).logits[:, -1, :]
+    finally:
+        for name, wrapper in saved.items():
+            parent, attr = runtime.index.parents[name]
+            setattr(parent, attr, wrapper)
