@@ -60,11 +60,16 @@ def zipf_picker(ids: Sequence[str], s: float, seed: int) -> Callable[[], str]:
 @dataclass
 class Run:
     tokens: int
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time: with one torch thread, steadier than wall time on a shared machine
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds
 
 
 def closed_loop(batcher: ContinuousBatcher, pick: Callable[[], str | None], clients: int, requests: int,
@@ -83,15 +88,15 @@ def closed_loop(batcher: ContinuousBatcher, pick: Callable[[], str | None], clie
 
     for _ in range(min(clients, requests)):
         submit()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while not batcher.idle:
         before = len(done)
         batcher.step()
         for _ in range(len(done) - before):
             if submitted < requests:
                 submit()
-    elapsed = time.perf_counter() - start
-    return Run(sum(len(s.tokens) for s in done), elapsed)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return Run(sum(len(s.tokens) for s in done), elapsed, cpu)
 
 
 def bench_model(cache_dir: Path) -> Path:
