@@ -1,9 +1,10 @@
 """In-process engine benchmark: the continuous batcher driven directly, no HTTP, so ratios isolate the engine.
 
-`python -m bench.engine_bench [--quick]` measures, each against the base model in the same run and interleaved
-(the machine is shared and noisy):
+`python -m bench.engine_bench [--repeats N]` measures, interleaved and each against the base model in the same
+run (the machine is shared and noisy, so throughput is tokens per CPU second of this process with one torch
+thread, and each figure is the median of the repeats):
 - throughput with many adapters (48 LoRAs of ranks 8/16/32/64 over three target sets, Zipf(1.0) popularity);
-- scaling curves: distinct adapters in the batch (1, 8, 32, 128), rank (8 to 128);
+- 8 rank-16 q/k/v/o adapters mixed vs one of them alone, and one adapter vs the base model;
 - host overhead on a deep, thin model (32 layers, hidden 64): one decode step of the engine with 16 rows
   over 8 adapters vs the bare transformers forward of the same batch without adapters.
 Closed loop: `clients` rows are always in flight; a finished request is replaced at once by the next one.
@@ -117,7 +118,7 @@ def thin_model(layers: int = 32, hidden: int = 64) -> LlamaForCausalLM:
 
 
 def host_overhead(cache_dir: Path, rows: int = 16, adapters: int = 8, steps: int = 40, repeats: int = 5) -> dict:
-    """ms per decode step: bare transformers forward (no adapters) vs the engine's step (8 adapters on q,v)."""
+    """CPU ms per decode step (one torch thread): bare transformers forward (no adapters) vs the engine's step."""
     model = thin_model()
     model_dir = cache_dir / "thin-model"
     if not (model_dir / "config.json").exists():
@@ -142,13 +143,13 @@ def host_overhead(cache_dir: Path, rows: int = 16, adapters: int = 8, steps: int
             last = out.argmax(-1)[:, None]
             mask = torch.ones((rows, 17), dtype=torch.long)
             pos = torch.full((rows, 1), 16)
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(steps):
                 logits = _unwrapped_forward(runtime, model, last, cache, mask, pos)
                 last = logits.argmax(-1)[:, None]
                 mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
                 pos = pos + 1
-            return (time.perf_counter() - start) / steps * 1000
+            return (time.process_time() - start) / steps * 1000
 
     def engine(row_ids: list[str | None]) -> float:
         batcher = ContinuousBatcher(model, tokenizer, runtime, max_batch_size=rows, prefill_token_budget=4096)
@@ -156,10 +157,10 @@ def host_overhead(cache_dir: Path, rows: int = 16, adapters: int = 8, steps: int
         for name in row_ids:
             batcher.waiting.append(EngineSequence(GenerationRequest(list(PROMPT_IDS), name, params), lambda e: None))
         batcher.step()  # prefill + first decode
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(steps):
             batcher.step()
-        return (time.perf_counter() - start) / steps * 1000
+        return (time.process_time() - start) / steps * 1000
 
     results: dict[str, list[float]] = {"bare forward, no adapters": [], "engine, base": [],
                                        "engine, 1 adapter": [], f"engine, {adapters} adapters": []}
@@ -184,3 +185,64 @@ def _unwrapped_forward(runtime: AdapterRuntime, model, ids, cache, mask=None, po
         for name, wrapper in saved.items():
             parent, attr = runtime.index.parents[name]
             setattr(parent, attr, wrapper)
+
+
+def throughput(cache_dir: Path, repeats: int, requests: int = 32, clients: int = 16, max_new_tokens: int = 32) -> dict:
+    """Median tokens per CPU second of each scenario, run interleaved `repeats` times."""
+    import itertools
+    import statistics
+
+    model_dir = bench_model(cache_dir)
+    pool = ensure_pool(cache_dir, model_dir, 48)
+    same = ensure_pool(cache_dir, model_dir, 8, shape=lambda i: (16, TARGET_SETS[1]), tag="r16")
+    model, runtime = load_runtime(model_dir, "cpu", torch.float32)
+    for name, path in pool + same:
+        runtime.load(name, path)
+    tokenizer = build_demo_tokenizer()
+    same_ids = itertools.cycle([n for n, _ in same])
+    scenarios: dict[str, Callable[[], str | None]] = {
+        "base model": lambda: None,
+        "48 adapters, Zipf(1.0), all resident": zipf_picker([n for n, _ in pool], 1.0, 0),
+        "one rank-16 adapter": lambda: same[0][0],
+        "8 rank-16 adapters mixed": lambda: next(same_ids),
+    }
+
+    def run(pick: Callable[[], str | None]) -> float:
+        batcher = ContinuousBatcher(model, tokenizer, runtime, clients, 2048)
+        return closed_loop(batcher, pick, clients, requests, max_new_tokens).tokens_per_cpu_s
+
+    for pick in scenarios.values():  # warm-up
+        run(pick)
+    results: dict[str, list[float]] = {k: [] for k in scenarios}
+    for _ in range(repeats):
+        for label, pick in scenarios.items():
+            results[label].append(run(pick))
+    return {k: statistics.median(v) for k, v in results.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent / ".cache")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    tps = throughput(args.cache_dir, args.repeats)
+    base, zipf = tps["base model"], tps["48 adapters, Zipf(1.0), all resident"]
+    single, mixed = tps["one rank-16 adapter"], tps["8 rank-16 adapters mixed"]
+    lines = ["| scenario | tokens per CPU s |", "|---|---:|", *(f"| {k} | {v:.1f} |" for k, v in tps.items()), "",
+             f"- 48 adapters (Zipf) / base: **{zipf / base:.3f}**",
+             f"- 8 mixed / one adapter: **{mixed / single:.3f}**",
+             f"- LoRA overhead per token vs base: **{(base / single - 1) * 100:+.1f}%**"]
+    host = host_overhead(args.cache_dir, repeats=args.repeats)
+    lines += ["", "| decode step, thin model (32 layers, hidden 64), 16 rows | CPU ms |", "|---|---:|",
+              *(f"| {k} | {v:.2f} |" for k, v in host.items()), "",
+              f"- engine with 8 adapters / bare forward: "
+              f"**{host['engine, 8 adapters'] / host['bare forward, no adapters']:.3f}**"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,10 @@ from .adapter_types.base import ModuleAdapter
 from .errors import MixedBatchError
 from .routing import Router, RowAssignment, RowGroup
 
+# A stack is kept while it holds at most this multiple of the rank the batch needs: adapters that left the
+# batch cost reads of their weights each step until the next rebuild, and a rebuild costs one copy.
+STACK_SLACK = 2.0
+
 
 class AdaptedModule(nn.Module):
     def __init__(self, base_layer: nn.Module, name: str, router: Router) -> None:
@@ -111,8 +115,8 @@ class AdaptedModule(nn.Module):
     def _stack_for(self, ids: tuple[str, ...]) -> Any | None:
         """A stacked form holding at least these adapters, or None for the per-group path.
 
-        The current stack is kept while it holds every adapter of the batch and at most twice the rank the
-        batch needs (adapters that left cost reads of their weights until the next rebuild).
+        The current stack is kept while it holds every adapter of the batch and at most `STACK_SLACK` times the
+        rank the batch needs.
         """
         adapters = [self.adapters[i] for i in ids]
         kind = type(adapters[0])
@@ -122,7 +126,7 @@ class AdaptedModule(nn.Module):
         if stack is not None:
             held = set(stack.adapter_ids)
             needed = sum(getattr(a, "rank", 1) for a in adapters)
-            if held.issuperset(ids) and getattr(stack, "rank_total", 0) <= 2 * needed:
+            if held.issuperset(ids) and getattr(stack, "rank_total", 0) <= STACK_SLACK * needed:
                 return stack
         self._stack = kind.stacked(ids, adapters)
         return self._stack
