@@ -1,32 +1,101 @@
-"""Batch surgery on a Hugging Face DynamicCache: rows join (left-padded merge), leave, and dead columns go.
+"""The running batch's KV cache and its batch surgery: rows join (left-padded merge), leave, dead columns go.
 
 Every cache layer holds keys/values of shape (B, heads, L, head_dim); rows are left-padded, and the
 attention mask (B, L) marks real positions with 1.
+
+`GrowingCache` keeps each layer's keys/values as a view of the first L columns of a buffer with spare
+columns: a decode step writes its one new column in place instead of concatenating (copying) the whole
+cache, as transformers' `DynamicLayer` does. Only a join (merge) or a leave (row selection) copies the cache,
+and each leaves spare columns again.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+SPARE_COLUMNS = 64  # free columns left after each (re)allocation; a decode step then writes in place
 
 
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose `keys`/`values` are views of buffers with spare columns (shapes as DynamicLayer's).
+
+    Assigning `keys`/`values` adopts the tensor as the buffer (no spare); the next update that needs room
+    reallocates with `SPARE_COLUMNS` free columns.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0  # columns in use
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k if self._k is None or self._k.dim() != 4 else self._k[:, :, : self._n]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k = value
+        self._n = value.shape[-2] if value is not None and value.dim() == 4 else 0
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v if self._v is None or self._v.dim() != 4 else self._v[:, :, : self._n]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v = value
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Use (B, heads, capacity, head_dim) buffers whose first `length` columns hold the cache."""
+        self._k, self._v, self._n = keys, values, length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        k, v, n = self._k, self._v, self._n
+        if k is None or k.dim() != 4 or n + new > k.shape[-2] or k.shape[0] != key_states.shape[0]:
+            k, v = _with_room(k, n, key_states, n + new), _with_room(v, n, value_states, n + new)
+        k[:, :, n: n + new] = key_states
+        v[:, :, n: n + new] = value_states
+        self.adopt(k, v, n + new)
+        return self.keys, self.values
+
+
+def _with_room(old: torch.Tensor | None, used: int, like: torch.Tensor, needed: int) -> torch.Tensor:
+    """A buffer shaped like `like` with `needed + SPARE_COLUMNS` columns, the first `used` copied from `old`."""
+    b, h, _, d = like.shape
+    buf = like.new_empty((b, h, needed + SPARE_COLUMNS, d))
+    if used:
+        buf[:, :, :used] = old[:, :, :used]
+    return buf
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache of `GrowingLayer`s (layers are created on first use, as a DynamicCache without config)."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer, offloading=False, offload_only_non_sliding=False)
 
 
 def merge(
     cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_mask: torch.Tensor
 ) -> tuple[DynamicCache, torch.Tensor]:
-    """Append the rows of (new_cache, new_mask) after the rows of (cache, mask)."""
+    """Append the rows of (new_cache, new_mask) after the rows of (cache, mask), both right-aligned."""
     length = max(mask.shape[1], new_mask.shape[1])
+    old_rows = mask.shape[0]
     for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
-        layer.keys = torch.cat([_pad_left(layer.keys, length, 2), _pad_left(new_layer.keys, length, 2)])
-        layer.values = torch.cat([_pad_left(layer.values, length, 2), _pad_left(new_layer.values, length, 2)])
+        merged = []
+        for old, new in ((layer.keys, new_layer.keys), (layer.values, new_layer.values)):
+            b, h, _, d = old.shape
+            buf = old.new_zeros((b + new.shape[0], h, length + SPARE_COLUMNS, d))
+            buf[:old_rows, :, length - old.shape[2]: length] = old
+            buf[old_rows:, :, length - new.shape[2]: length] = new
+            merged.append(buf)
+        _set(layer, merged[0], merged[1], length)
     return cache, torch.cat([_pad_left(mask, length, 1), _pad_left(new_mask, length, 1)])
 
 
@@ -36,7 +105,29 @@ def select_rows(cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor) -> 
     mask = mask[keep]
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if real.numel() else mask.shape[1]
+    length = mask.shape[1] - start
     for layer in cache.layers:
-        layer.keys = layer.keys[keep, :, start:]
-        layer.values = layer.values[keep, :, start:]
+        kept = []
+        for t in (layer.keys, layer.values):
+            b, h, _, d = t.shape
+            buf = t.new_empty((keep.shape[0], h, length + SPARE_COLUMNS, d))
+            buf[:, :, :length] = t[keep, :, start:]
+            kept.append(buf)
+        _set(layer, kept[0], kept[1], length)
     return mask[:, start:]
+
+
+def _set(layer, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    if isinstance(layer, GrowingLayer):
+        layer.adopt(keys, values, length)
+    else:
+        layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

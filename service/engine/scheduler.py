@@ -12,7 +12,6 @@ from collections import deque
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from ..errors import NonFiniteLogitsError
 from ..runtime import AdapterNotFoundError, AdapterRuntime
@@ -45,7 +44,7 @@ class ContinuousBatcher:
         self.pad_id = pad if pad is not None else min(self.eos, default=0)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._cache: DynamicCache | None = None
+        self._cache: kv_cache.GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # (B, L) 1 = real position
         self._next_pos: torch.Tensor | None = None  # (B,) position id of each row's next token
         self._last: torch.Tensor | None = None  # (B,) last sampled token of each row
@@ -107,7 +106,7 @@ class ContinuousBatcher:
             mask[i, width - n:] = 1
             s.generator = row_generator(s.request.params, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = kv_cache.GrowingCache()
         with self.runtime.route([s.request.adapter_id for s in seqs]):
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True

@@ -28,6 +28,13 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
+    # Incremental detokenization (as vLLM/TGI): `text` = committed text + the decode of the tokens after
+    # `read_offset`, taken as the difference between decoding tokens[prefix_offset:] and
+    # tokens[prefix_offset:read_offset], so a tokenizer that treats a sequence's first token specially (a
+    # leading-space marker) sees the same context in both. Each step decodes a few tokens, not the whole output.
+    committed: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
     finish_reason: str | None = None
     cancelled: bool = False  # set from the caller's thread; the engine drops the row at its next step
     counts: TokenCounts | None = None  # what the penalties need (rows that process their scores)
@@ -45,7 +52,7 @@ class Sequence:
             self.logprobs = self.logprobs if self.logprobs is not None else []
             self.logprobs.append(logprob)
         checked = len(self.text.rstrip("\ufffd"))  # text before this token that can no longer change
-        self.text = decode(self.tokens)
+        self.text = self._detokenize(decode)
         stops = params.stop if len(self.tokens) >= params.min_tokens else ()
         for stop in stops:
             # only where this token may have completed it: an earlier one, before min_tokens, does not count
@@ -58,6 +65,21 @@ class Sequence:
             if len(self.tokens) >= params.max_new_tokens:
                 self.finish_reason = "length"
         self.emit(TokenEvent(token, self._final_text_delta(), logprob))
+
+    def _detokenize(self, decode: Callable[[list[int]], str]) -> str:
+        """The whole output's text so far (equal to decode(self.tokens)), decoding only the last few tokens."""
+        window = self.tokens[self.prefix_offset:self.read_offset]
+        before = decode(window) if window else ""
+        after = decode(self.tokens[self.prefix_offset:])
+        if not after.startswith(before):  # the window's text changed before the read offset: decode it all
+            self.committed, self.prefix_offset, self.read_offset = "", 0, 0
+            before, after = "", decode(self.tokens)
+        pending = after[len(before):]
+        if pending and not pending.endswith("\ufffd"):  # complete characters: commit them
+            self.committed += pending
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            return self.committed
+        return self.committed + pending
 
     def _final_text_delta(self) -> str:
         """Text that can no longer change: not a partial UTF-8 character, not a possible stop-string prefix."""

@@ -17,7 +17,11 @@ from torch import nn
 
 from .adapter_types.base import ModuleAdapter
 from .errors import MixedBatchError
-from .routing import Router, RowAssignment
+from .routing import Router, RowAssignment, RowGroup
+
+# A stack is kept while it holds at most this multiple of the rank the batch needs: adapters that left the
+# batch cost reads of their weights each step until the next rebuild, and a rebuild costs one copy.
+STACK_SLACK = 2.0
 
 
 class AdaptedModule(nn.Module):
@@ -30,9 +34,13 @@ class AdaptedModule(nn.Module):
         self.adapters: dict[str, ModuleAdapter] = {}
         self.replacements: dict[str, nn.Module] = {}
         self.bases: dict[str, nn.Module] = {}  # adapter id -> its own copy of the base module
-        # The latest batch's adapters in their type's stacked form (e.g. adapter_types/lora/stacked.py), and their ids.
+        # Adapters of recent batches in their type's stacked form (e.g. adapter_types/lora/stacked.py). It may
+        # hold adapters that have left the batch: it is rebuilt only when an adapter it lacks joins.
         self._stack: Any = None
-        self._stack_ids: tuple[str, ...] | None = None
+        # What this module does for one batch layout, computed at its first forward and reused by every decode
+        # step with the same layout: (assignment, router generation) -> _Plan.
+        self._plan_key: tuple[RowAssignment, int] | None = None
+        self._plan: _Plan | None = None
         # The fused adapter's merged copy of the base module: its rows run at bare-module speed.
         self.fused: tuple[str, nn.Module] | None = None
 
@@ -41,6 +49,7 @@ class AdaptedModule(nn.Module):
         self.replacements.pop(adapter_id, None)
         self.bases.pop(adapter_id, None)
         self._stack = None  # it may hold a copy of the adapter's weights
+        self._plan_key = self._plan = None
         if self.fused is not None and self.fused[0] == adapter_id:
             self.fused = None
 
@@ -56,25 +65,45 @@ class AdaptedModule(nn.Module):
         assignment = self.router.current()
         if assignment.groups is None:
             return self._forward_one(assignment.uniform, x, *args, **kwargs)
-        groups = [g for g in assignment.groups if g.adapter_id in self.adapter_ids]
-        if not groups:
+        plan = self._plan
+        if self._plan_key is None or self._plan_key[0] is not assignment or self._plan_key[1] != self.router.generation:
+            plan = self._make_plan(assignment)
+        if plan.mode == "base":
             return self.base_layer(x, *args, **kwargs)
         if x.shape[0] != assignment.batch_size:
             raise MixedBatchError(
                 f"module '{self.module_name}' got input with first dimension {x.shape[0]}, not the batch size "
                 f"{assignment.batch_size}; adapters on it cannot be mixed within one batch"
             )
-        if args or kwargs or any(self._whole_module(g.adapter_id) for g in groups):
+        if args or kwargs or plan.mode == "split":
             return self._forward_split(assignment, x, *args, **kwargs)
-        # Output-side adapters only: run the base once for the whole batch, then adapt each row group.
+        # Output-side adapters only: run the base once for the whole batch, then adapt the rows.
         y = self.base_layer(x)
-        stacked = self._stacked(assignment, groups)
-        if stacked is not None:
-            stack, slots = stacked
-            return stack.apply(x, y, slots)
-        for g in groups:
+        if plan.stack is not None and x.numel() == x.shape[0] * x.shape[-1]:  # one token per row: a decode step
+            return plan.stack.apply(x, y, plan.row_mask)
+        for g in plan.groups:
             y[g.rows] = self.adapters[g.adapter_id].adapt_output(self.base_layer, x[g.rows], y[g.rows])
         return y
+
+    def _make_plan(self, assignment: RowAssignment) -> _Plan:
+        held = self.adapter_ids
+        groups = [g for g in assignment.groups or () if g.adapter_id in held]
+        if not groups:
+            plan = _Plan("base", groups)
+        elif any(self._whole_module(g.adapter_id) for g in groups):
+            plan = _Plan("split", groups)
+        else:
+            plan = _Plan("rows", groups)
+            stack = self._stack_for(tuple(g.adapter_id for g in groups))
+            if stack is not None:
+                # The row mask depends only on the rows' adapters and the stack's layout: shared across modules.
+                key = ("row_mask", stack.layout_key)
+                mask = assignment.memo.get(key)
+                if mask is None:
+                    mask = assignment.memo[key] = stack.row_mask(assignment.row_adapters)
+                plan.stack, plan.row_mask = stack, mask
+        self._plan_key, self._plan = (assignment, self.router.generation), plan
+        return plan
 
     def _whole_module(self, adapter_id: str | None) -> bool:
         """Whether these rows need their own run of a module: a copy, a fused copy, or a changed input."""
@@ -83,26 +112,24 @@ class AdaptedModule(nn.Module):
         adapter = self.adapters.get(adapter_id) if adapter_id is not None else None
         return adapter is not None and adapter.changes_input
 
-    def _stacked(self, assignment: RowAssignment, groups: list) -> tuple[Any, torch.Tensor] | None:
-        """The stacked form of this batch's adapters and each row's slot, or None for the grouped path."""
-        ids = tuple(g.adapter_id for g in groups)
+    def _stack_for(self, ids: tuple[str, ...]) -> Any | None:
+        """A stacked form holding at least these adapters, or None for the per-group path.
+
+        The current stack is kept while it holds every adapter of the batch and at most `STACK_SLACK` times the
+        rank the batch needs.
+        """
         adapters = [self.adapters[i] for i in ids]
         kind = type(adapters[0])
-        if len(ids) < 2 or any(type(a) is not kind for a in adapters):
+        if any(type(a) is not kind for a in adapters):
             return None
-        if self._stack is None or self._stack_ids != ids:
-            stack = kind.stacked(ids, adapters)
-            if stack is None:
-                return None
-            self._stack, self._stack_ids = stack, ids
-        # Row -> slot map, shared by every module with the same adapters in this forward.
-        slots = assignment.memo.get(ids)
-        if slots is None:
-            slots = torch.full((assignment.batch_size,), len(ids), dtype=torch.long, device=groups[0].rows.device)
-            for k, g in enumerate(groups):
-                slots[g.rows] = k
-            assignment.memo[ids] = slots
-        return self._stack, slots
+        stack = self._stack
+        if stack is not None:
+            held = set(stack.adapter_ids)
+            needed = sum(getattr(a, "rank", 1) for a in adapters)
+            if held.issuperset(ids) and getattr(stack, "rank_total", 0) <= STACK_SLACK * needed:
+                return stack
+        self._stack = kind.stacked(ids, adapters)
+        return self._stack
 
     def _forward_one(self, adapter_id: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if adapter_id is None:
@@ -145,6 +172,19 @@ class AdaptedModule(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.module_name!r}, adapters={sorted(self.adapters)}, replaced={sorted(self.replacements)}, "
                 f"own_base={sorted(self.bases)}")
+
+
+class _Plan:
+    """What a wrapper does for one batch layout: run the base only, split the batch per adapter, or adapt
+    the output of rows (`stack` and `row_mask` set when the adapters' stacked form applies)."""
+
+    __slots__ = ("mode", "groups", "stack", "row_mask")
+
+    def __init__(self, mode: str, groups: list[RowGroup]) -> None:
+        self.mode = mode  # "base" | "split" | "rows"
+        self.groups = groups
+        self.stack: Any = None
+        self.row_mask: torch.Tensor | None = None
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:

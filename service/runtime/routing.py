@@ -28,6 +28,7 @@ class RowAssignment:
     uniform: str | None = None
     groups: tuple[RowGroup, ...] | None = None
     batch_size: int | None = None
+    row_adapters: tuple[str | None, ...] = ()  # each row's adapter, in batch order (mixed batches only)
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # per-forward values modules share
 
     @property
@@ -48,7 +49,7 @@ class RowAssignment:
             RowGroup(adapter_id, torch.tensor(rows, dtype=torch.long, device=device))
             for adapter_id, rows in positions.items()
         )
-        return RowAssignment(groups=groups, batch_size=len(row_adapters))
+        return RowAssignment(groups=groups, batch_size=len(row_adapters), row_adapters=tuple(row_adapters))
 
 
 class Router:
@@ -57,6 +58,9 @@ class Router:
     def __init__(self) -> None:
         self.active: str | None = None
         self._stack: list[RowAssignment] = []
+        # Bumped whenever an adapter is attached, removed, fused or unfused: wrappers drop what they cached
+        # for a batch layout (which adapters run where) when it changes.
+        self.generation = 0
 
     def current(self) -> RowAssignment:
         return self._stack[-1] if self._stack else RowAssignment(uniform=self.active)

@@ -114,6 +114,7 @@ class AdapterRuntime:
             raise AdapterExistsError(loaded.adapter_id)
         self._attach(loaded)
         self.adapters[loaded.adapter_id] = loaded
+        self.router.generation += 1
         return loaded
 
     def delete(self, adapter_id: str) -> int:
@@ -122,6 +123,7 @@ class AdapterRuntime:
         if loaded is None:
             raise AdapterNotFoundError(adapter_id)
         freed = loaded.resident_bytes
+        self.router.generation += 1
         for name in set(loaded.modules) | set(loaded.replacements) | set(loaded.base_overrides):
             wrapper = self._wrappers[name]
             wrapper.remove_adapter(adapter_id)
@@ -168,12 +170,14 @@ class AdapterRuntime:
         for name, module in fused.items():
             self._wrappers[name].fused = (adapter_id, module)
         loaded.fused = fused
+        self.router.generation += 1
 
     def unfuse(self) -> None:
         for loaded in self.adapters.values():
             for name in loaded.fused:
                 self._wrappers[name].fused = None
             loaded.fused = {}
+        self.router.generation += 1
 
     # ---- activation and routing --------------------------------------------------------------------
 

@@ -114,17 +114,43 @@ def test_stacked_path_with_different_ranks_and_bias(tmp_path) -> None:
     for name, path in dirs.items():
         runtime.load(name, path)
     rows = ["r8", "bias", None, "r2", "r8", "bias"]
-    ids = input_ids(batch=len(rows), length=5)
-    for _ in range(2):  # the second forward reuses the stacked weights and row layout
-        with torch.no_grad(), runtime.route(rows):
-            mixed = model(input_ids=ids).logits
+    for length in (5, 1):  # prefill-shaped (per-group path), then decode-shaped (one token per row: stacked)
+        ids = input_ids(batch=len(rows), length=length)
+        for _ in range(2):  # the second forward reuses the stacked weights and row layout
+            with torch.no_grad(), runtime.route(rows):
+                mixed = model(input_ids=ids).logits
+        for adapter in set(rows):
+            idx = [i for i, r in enumerate(rows) if r == adapter]
+            expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+            torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
     wrapper = runtime._wrappers["model.layers.0.self_attn.v_proj"]
     assert wrapper._stack is not None and wrapper._stack.adapter_ids == ("r8", "bias", "r2")
-    for adapter in set(rows):
-        idx = [i for i, r in enumerate(rows) if r == adapter]
-        expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
-        torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
     stacked = weakref.ref(wrapper._stack.A)
     runtime.delete("r8")
     gc.collect()
     assert stacked() is None, "deleting an adapter drops stacked copies of its weights"
+
+
+def test_stack_survives_batch_changes_and_rows_stay_exact(tmp_path) -> None:
+    """Decode steps: rows joining, leaving or reordering reuse the module's stacked weights (no rebuild) while
+    the stack holds every adapter of the batch; each row still equals its adapter alone (PEFT)."""
+    base = tiny_model("llama")
+    configs = {n: dict(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]) for n, r in
+               (("a", 2), ("b", 4), ("c", 8))}
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 3, **kw) for i, (n, kw) in enumerate(configs.items())}
+    model = copy.deepcopy(base)
+    runtime = AdapterRuntime(model)
+    for name, path in dirs.items():
+        runtime.load(name, path)
+    wrapper = runtime._wrappers["model.layers.0.self_attn.q_proj"]
+    stacks = []
+    for rows in (["a", "b", "c", None], ["c", "a", "b"], ["b", None, "c", "c"], ["a", "b", "c"]):
+        ids = input_ids(batch=len(rows), length=1, seed=len(rows))
+        with torch.no_grad(), runtime.route(rows):
+            mixed = model(input_ids=ids).logits
+        stacks.append(wrapper._stack)
+        for adapter in set(rows):
+            idx = [i for i, r in enumerate(rows) if r == adapter]
+            expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+            torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
+    assert all(s is stacks[0] for s in stacks), "the stack is built once for these layouts"

@@ -158,10 +158,15 @@ class ModuleAdapter(ABC):
 
     @classmethod
     def stacked(cls, adapter_ids: tuple[str, ...], adapters: Sequence[ModuleAdapter]) -> Any | None:
-        """Optional fast path for a mixed batch of several adapters of this class on one module.
+        """Optional fast path for the decode steps of a batch mixing adapters of this class on one module.
 
-        Return an object with `apply(x, y, slots) -> y` (slots: (B,) index of each row's adapter in
-        `adapters`, len(adapters) for rows without one), or None to use the per-group path.
+        Return None to use the per-group path, or an object with:
+        - `adapter_ids` (the ids it was built for) and `rank_total` (the work it does per row, e.g. ranks summed);
+        - `layout_key`: hashable; stacks with equal keys give equal row masks (shared between modules);
+        - `row_mask(row_adapters) -> Tensor`: per-row values for one batch layout (row_adapters: each row's
+          adapter id or None, in batch order; ids it does not hold mean "no adapter");
+        - `apply(x, y, row_mask) -> y`: the output of every row with its adapter applied.
+        The wrapper may keep a stack holding adapters that have left the batch (their rows are simply absent).
         """
         return None
 
