@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def _serve(settings: Settings) -> None:
     from .logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    _create_api_key(settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.api_keys_file):
         logging.getLogger(__name__).warning(
             "SERVING ON %s WITHOUT API KEYS: anyone who can reach this address can upload, delete and run "
@@ -91,6 +93,27 @@ def _serve(settings: Settings) -> None:
         sys.exit(f"error: {exc}")
     finally:
         lock.release()
+
+
+def _create_api_key(settings: Settings) -> None:
+    """With --create-api-key and no keys set: a keys file with one new admin key, the key logged once.
+
+    The Docker image listens on every interface of its container, so it must not run an open API; a key made
+    on the first start and kept on the volume lets `docker compose up` work on a fresh machine all the same.
+    """
+    path = settings.api_keys_file
+    if not settings.create_api_key or settings.api_keys or path is None or path.exists():
+        return
+    import secrets
+
+    key = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(f"# created by `serve --create-api-key`; one '<scope> <key>' per line (scopes: admin, inference)\n"
+                f"admin {key}\n")
+    logging.getLogger(__name__).warning(
+        "created an admin API key in %s (send it as 'Authorization: Bearer <key>'; the CLI reads "
+        "ADAPTER_SERVICE_API_KEY): %s", path, key)
 
 
 def _serve_ray(settings: Settings) -> None:

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
                                  "keys file): open API")
     api_keys_file: Path | None = Field(default=None, description="file of '<scope> <key>' lines (scopes: admin, "
                                        "inference)")
+    create_api_key: bool = Field(default=False, description="when no API keys are set and the keys file does not "
+                                 "exist, create it with one new admin key and log the key (the Docker image does)")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         default="info", description="critical, error, warning, info, debug or trace")
     # ---- Ray Serve deployment (`python -m service serve-ray`, see docs/deploy.md) ----
@@ -116,6 +118,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """The environment source reads lists plainly too (`ADAPTER_SERVICE_LORA_ROOT=/srv/loras`)."""
         return init_settings, _EnvWithPlainLists(settings_cls), dotenv_settings, file_secret_settings
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value  # ADAPTER_SERVICE_MODEL= : demo
 
     @field_validator("log_level", mode="before")
     @classmethod
