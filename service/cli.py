@@ -1,5 +1,5 @@
-"""Command line: `python -m service serve`, `serve-ray`, `make-adapter`, and the client commands `adapters` and
-`generate`."""
+"""Command line (`adapter-service` or `python -m service`): `serve`, `serve-ray`, `make-adapter`, and the client
+commands `adapters`, `generate` and `health`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from adapter_client.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
+from adapter_client.cli import CLIENT_COMMANDS, add_client_commands, add_connection_flags, run_client_command
 
 from .serve_flags import RAY_FLAGS, SERVE_FLAGS, SettingsInputError, add_settings_flags, settings_from_args
 from .settings import Settings
@@ -17,7 +17,9 @@ from .settings import Settings
 __all__ = ["RAY_FLAGS", "SERVE_FLAGS", "main"]
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description="PEFT adapter serving")
+    parser = argparse.ArgumentParser(prog="adapter-service", description="PEFT adapter serving: `serve` starts the "
+                                     "server; `adapters`, `generate` and `health` talk to a running one")
+    add_connection_flags(parser)  # the client commands' --url/--api-key may also come first
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (every flag also settable as ADAPTER_SERVICE_<FLAG>)",
                            description="Start the HTTP server. Every flag is also an environment variable: "
