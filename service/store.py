@@ -47,7 +47,6 @@ UNLOADED_FILE = "unloaded"  # marker: the adapter's files are kept, but it is no
 MANIFEST_VERSION = 1
 
 
-
 def validate_adapter_id(adapter_id: str) -> str:
     """Return the id if it is a safe directory name for an adapter, else raise InvalidAdapterIdError (the rule is
     adapter_client/ids.py's, which the client checks before it sends a body)."""

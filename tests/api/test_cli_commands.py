@@ -85,8 +85,8 @@ def test_every_command_against_a_live_server(keyed_server, adapters, tmp_path) -
 
     merged = ok(cli("adapters", "merge", "alpha:0.5", "beta:0.25", "--id", "mix", "--method", "cat", env=env))
     assert merged.stdout.startswith("merged into mix: LORA rank 12")  # cat stacks the ranks: 4 + 8
-    dare = ok(cli("adapters", "merge", "alpha", "beta", "--id", "dare", "--method", "dare_ties_svd", "--svd-rank", "4", "--density",
-                  "0.5", "--seed", "7", "--majority-sign-method", "frequency", "--json", env=env))
+    dare = ok(cli("adapters", "merge", "alpha", "beta", "--id", "dare", "--method", "dare_ties_svd", "--svd-rank", "4",
+                  "--density", "0.5", "--seed", "7", "--majority-sign-method", "frequency", "--json", env=env))
     assert (json.loads(dare.stdout)["id"], json.loads(dare.stdout)["rank"]) == ("dare", 4)
 
     down = ok(cli("adapters", "download", "mix", "--out", str(tmp_path), env=env))
