@@ -5,7 +5,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve serve-ray test test-distributed lint clean
+MIN_VENV ?= .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+
+.PHONY: install serve serve-ray test test-distributed test-min-deps lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +32,21 @@ test: $(STAMP)
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed
 
+# The lowest declared version of every direct dependency (ci/lowest_constraints.py pins them; torch is
+# TORCH_SPEC) in a venv of its own, then the runtime and engine tests and a slice of the HTTP ones (upload,
+# generate, delete through a real server; settings and start-up): a lower bound that is too low fails here.
+MIN_DEPS_TESTS := tests/runtime tests/engine tests/ci tests/cli tests/api/test_startup_errors.py \
+	tests/api/test_api.py::test_upload_activate_generate_delete
+test-min-deps:
+	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q --upgrade pip
+	$(MIN_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(MIN_PY) ci/lowest_constraints.py > $(MIN_VENV)/constraints.txt
+	$(MIN_PY) -m pip install -q --constraint $(MIN_VENV)/constraints.txt -e ".[dev]"
+	$(MIN_PY) -m pytest $(MIN_DEPS_TESTS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service adapter_client tests bench examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache

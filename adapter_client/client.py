@@ -20,6 +20,8 @@ from urllib.parse import quote
 
 import httpx
 
+from .downloads import DownloadProgress, asave_stream, save_stream, target_path
+from .ids import adapter_id_problem
 from .types import (
     ActiveResult,
     AdapterInfo,
@@ -40,7 +42,8 @@ from .upload import MultipartUpload, ProgressCallback
 
 __all__ = [
     "ActiveResult", "AdapterInfo", "AdapterList", "AdapterServiceClient", "AsyncAdapterServiceClient",
-    "DEFAULT_TIMEOUT_S", "DEFAULT_URL", "DeleteResult", "GenerateResult", "Health", "ProgressCallback",
+    "DEFAULT_TIMEOUT_S", "DEFAULT_URL", "DeleteResult", "DownloadProgress", "GenerateResult", "Health",
+    "ProgressCallback",
     "ServiceConnectionError", "ServiceError", "StreamEnd", "StreamEvent", "TokenEvent", "Usage",
 ]
 
@@ -71,6 +74,7 @@ def _activate_call(adapter_id: str, fuse: bool) -> _Call[ActiveResult]:
 
 def _merge_call(adapter_id: str | None, sources: list[tuple[str, float]], method: str,
                 options: dict[str, Any]) -> _Call[AdapterInfo]:
+    check_adapter_id(adapter_id)
     body = {"adapter_id": adapter_id, "sources": [{"adapter_id": s, "weight": w} for s, w in sources],
             "method": method, **{k: v for k, v in options.items() if v is not None}}
     return _Call("POST", "/adapters/merge", AdapterInfo.from_json, {"json": body})
@@ -83,10 +87,20 @@ def _generate_body(prompt: str, adapter_id: str | None, max_new_tokens: int, tem
             "ignore_eos": ignore_eos, "stream": stream}
 
 
-def _download_target(adapter_id: str, dest: Path) -> Path:
-    """`dest` itself, or `<dest>/<id>.zip` when dest is an existing directory."""
-    dest = Path(dest)
-    return dest / f"{adapter_id}.zip" if dest.is_dir() else dest
+def _source_call(source: str, adapter_id: str | None) -> _Call[AdapterInfo]:
+    check_adapter_id(adapter_id)
+    return _Call("POST", "/adapters", AdapterInfo.from_json, {"json": {"adapter_id": adapter_id, "source": source}})
+
+
+def _load_body(lora_name: str, lora_path: str, load_inplace: bool) -> dict[str, Any]:
+    return {"lora_name": lora_name, "lora_path": lora_path, "load_inplace": load_inplace}
+
+
+def check_adapter_id(adapter_id: str | None) -> None:
+    """ValueError naming the rule when `adapter_id` (None: the server generates one) is not a valid id, so a
+    bad id is refused before any body is sent."""
+    if adapter_id is not None and (problem := adapter_id_problem(adapter_id)) is not None:
+        raise ValueError(f"invalid adapter id {adapter_id!r}: {problem}")
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -142,6 +156,7 @@ class AdapterServiceClient:
 
         `progress(bytes_sent, total)` is called after every chunk; the last call has bytes_sent == total.
         """
+        check_adapter_id(adapter_id)
         body = MultipartUpload(Path(path), adapter_id)
         response = self._request("POST", "/adapters", content=body.chunks(progress), headers=body.headers)
         return AdapterInfo.from_json(response.json())
@@ -163,20 +178,37 @@ class AdapterServiceClient:
         """Combine `(adapter_id, weight)` sources into a new adapter; options: density, svd_rank, seed, ..."""
         return self._call(_merge_call(adapter_id, sources, method, options))
 
-    def download(self, adapter_id: str, dest: Path) -> Path:
+    def add_from_source(self, source: str, adapter_id: str | None = None) -> AdapterInfo:
+        """Add an adapter the server fetches itself: hf://org/repo[@rev], org/repo, s3://bucket/prefix, or a
+        directory under the server's --lora-root."""
+        return self._call(_source_call(source, adapter_id))
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str, load_inplace: bool = False) -> str:
+        """vLLM's POST /v1/load_lora_adapter: its plain-text reply."""
+        return self._request("POST", "/v1/load_lora_adapter", json=_load_body(lora_name, lora_path,
+                                                                              load_inplace)).text
+
+    def unload_lora_adapter(self, lora_name: str) -> str:
+        """vLLM's POST /v1/unload_lora_adapter (the stored files stay; delete_adapter removes them)."""
+        return self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": lora_name}).text
+
+    def download(self, adapter_id: str, dest: Path, progress: DownloadProgress | None = None) -> Path:
         """Save the adapter as a PEFT-format zip at `dest` (or `dest/<id>.zip` for a directory); returns it."""
-        target = _download_target(adapter_id, dest)
+        return self._save("GET", _adapter_path(adapter_id, "/download"), target_path(dest, f"{adapter_id}.zip"),
+                          progress)
+
+    def export(self, adapter_id: str, dest: Path, progress: DownloadProgress | None = None) -> Path:
+        """Save a tar of the base model with the adapter merged in (a standalone Hugging Face checkpoint) at
+        `dest` (or `dest/<id>-merged.tar`); streamed to disk, `progress(received, None)` as it comes."""
+        return self._save("POST", _adapter_path(adapter_id, "/export"), target_path(dest, f"{adapter_id}-merged.tar"),
+                          progress)
+
+    def _save(self, method: str, path: str, target: Path, progress: DownloadProgress | None) -> Path:
         try:
-            with self._http.stream("GET", _adapter_path(adapter_id, "/download")) as response:
-                if response.is_error:
-                    response.read()
-                    raise ServiceError.from_response(response)
-                with target.open("wb") as f:
-                    for chunk in response.iter_bytes():
-                        f.write(chunk)
+            with self._http.stream(method, path) as response:
+                return save_stream(response, target, progress)
         except httpx.TransportError as exc:
             raise ServiceConnectionError(self.base_url, exc) from exc
-        return target
 
     def generate(self, prompt: str, adapter_id: str | None = None, *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -256,6 +288,7 @@ class AsyncAdapterServiceClient:
     async def upload_adapter(self, path: Path, adapter_id: str | None = None,
                              progress: ProgressCallback | None = None) -> AdapterInfo:
         """Upload an adapter directory or archive, streamed from disk; see AdapterServiceClient.upload_adapter."""
+        check_adapter_id(adapter_id)
         body = MultipartUpload(Path(path), adapter_id)
         response = await self._request("POST", "/adapters", content=body.achunks(progress), headers=body.headers)
         return AdapterInfo.from_json(response.json())
@@ -277,20 +310,35 @@ class AsyncAdapterServiceClient:
         """Combine `(adapter_id, weight)` sources into a new adapter; options: density, svd_rank, seed, ..."""
         return await self._call(_merge_call(adapter_id, sources, method, options))
 
-    async def download(self, adapter_id: str, dest: Path) -> Path:
+    async def add_from_source(self, source: str, adapter_id: str | None = None) -> AdapterInfo:
+        """Add an adapter the server fetches itself; see AdapterServiceClient.add_from_source."""
+        return await self._call(_source_call(source, adapter_id))
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, load_inplace: bool = False) -> str:
+        """vLLM's POST /v1/load_lora_adapter: its plain-text reply."""
+        return (await self._request("POST", "/v1/load_lora_adapter",
+                                    json=_load_body(lora_name, lora_path, load_inplace))).text
+
+    async def unload_lora_adapter(self, lora_name: str) -> str:
+        """vLLM's POST /v1/unload_lora_adapter (the stored files stay)."""
+        return (await self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": lora_name})).text
+
+    async def download(self, adapter_id: str, dest: Path, progress: DownloadProgress | None = None) -> Path:
         """Save the adapter as a PEFT-format zip at `dest` (or `dest/<id>.zip` for a directory); returns it."""
-        target = _download_target(adapter_id, dest)
+        return await self._save("GET", _adapter_path(adapter_id, "/download"),
+                                target_path(dest, f"{adapter_id}.zip"), progress)
+
+    async def export(self, adapter_id: str, dest: Path, progress: DownloadProgress | None = None) -> Path:
+        """Save a tar of the base model with the adapter merged in; see AdapterServiceClient.export."""
+        return await self._save("POST", _adapter_path(adapter_id, "/export"),
+                                target_path(dest, f"{adapter_id}-merged.tar"), progress)
+
+    async def _save(self, method: str, path: str, target: Path, progress: DownloadProgress | None) -> Path:
         try:
-            async with self._http.stream("GET", _adapter_path(adapter_id, "/download")) as response:
-                if response.is_error:
-                    await response.aread()
-                    raise ServiceError.from_response(response)
-                with target.open("wb") as f:
-                    async for chunk in response.aiter_bytes():
-                        f.write(chunk)
+            async with self._http.stream(method, path) as response:
+                return await asave_stream(response, target, progress)
         except httpx.TransportError as exc:
             raise ServiceConnectionError(self.base_url, exc) from exc
-        return target
 
     async def generate(self, prompt: str, adapter_id: str | None = None, *, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,

@@ -1,4 +1,5 @@
-"""An upload's progress on one line of a terminal, redrawn in place: `upload my-adapter:  42% 1.1 MiB / 2.6 MiB`.
+"""A transfer's progress on one line of a terminal, redrawn in place: `upload my-adapter:  42% 1.1 MiB / 2.6 MiB`
+(or `export my-adapter: 12.0 MiB` while the size is not known).
 
 A few lines of our own instead of a progress-bar library, so the client package needs nothing but httpx.
 """
@@ -32,7 +33,15 @@ class ProgressLine:
         self.label, self.stream = label, stream
         self._percent: int | None = None  # the last one drawn
 
-    def __call__(self, sent: int, total: int) -> None:
+    def __call__(self, sent: int, total: int | None) -> None:
+        if total is None:  # a stream of unknown length: redraw at each new tenth of a MiB
+            step = sent * 10 // (1024 * 1024)
+            if step == self._percent:
+                return
+            self._percent = step
+            self.stream.write(f"\r{self.label}: {format_bytes(sent)}")
+            self.stream.flush()
+            return
         percent = 100 * sent // total if total else 100
         if percent == self._percent:
             return

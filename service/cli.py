@@ -1,40 +1,36 @@
-"""Command line: `python -m service serve`, `serve-ray`, `make-adapter`, and the client commands `adapters` and
-`generate`."""
+"""Command line (`adapter-service` or `python -m service`): `serve`, `serve-ray`, `make-adapter`, and the client
+commands `adapters`, `generate` and `health`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from adapter_client.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
+from adapter_client.cli import CLIENT_COMMANDS, add_client_commands, add_connection_flags, run_client_command
 
+from .serve_flags import RAY_FLAGS, SERVE_FLAGS, SettingsInputError, add_settings_flags, settings_from_args
 from .settings import Settings
 
-SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
-               "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
-               "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
-               "lora_roots", "adapters", "log_json", "api_keys_file", "log_level")
-RAY_FLAGS = ("ray_address", "num_replicas", "max_adapters_per_replica", "replica_num_cpus", "replica_num_gpus",
-             "replica_lease_s", "replica_retries")
-
+__all__ = ["RAY_FLAGS", "SERVE_FLAGS", "main"]
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description="PEFT adapter serving")
+    parser = argparse.ArgumentParser(prog="adapter-service", description="PEFT adapter serving: `serve` starts the "
+                                     "server; `adapters`, `generate` and `health` talk to a running one")
+    add_connection_flags(parser)  # the client commands' --url/--api-key may also come first
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start the HTTP server (every flag also settable as ADAPTER_SERVICE_<FLAG>)")
-    _add_serve_flags(serve)
+    serve = sub.add_parser("serve", help="start the HTTP server (every flag also settable as ADAPTER_SERVICE_<FLAG>)",
+                           description="Start the HTTP server. Every flag is also an environment variable: "
+                                       "ADAPTER_SERVICE_<FLAG> in capitals with underscores (--max-new-tokens: "
+                                       "ADAPTER_SERVICE_MAX_NEW_TOKENS); repeatable flags take a JSON list or "
+                                       "comma-separated values there. API keys: ADAPTER_SERVICE_API_KEYS or "
+                                       "--api-keys-file.")
+    add_settings_flags(serve, SERVE_FLAGS)
     ray_serve = sub.add_parser("serve-ray", help="run on Ray Serve: replicas multiplexing adapters over a shared store "
                                "(needs the [distributed] extra; see docs/deploy.md)")
-    _add_serve_flags(ray_serve)
-    ray_serve.add_argument("--ray-address", dest="ray_address", help="cluster to join (default: start a local one)")
-    ray_serve.add_argument("--num-replicas", dest="num_replicas", type=int)
-    ray_serve.add_argument("--max-adapters-per-replica", dest="max_adapters_per_replica", type=int)
-    ray_serve.add_argument("--replica-num-cpus", dest="replica_num_cpus", type=float)
-    ray_serve.add_argument("--replica-num-gpus", dest="replica_num_gpus", type=float)
-    ray_serve.add_argument("--replica-lease-s", dest="replica_lease_s", type=float)
-    ray_serve.add_argument("--replica-retries", dest="replica_retries", type=int)
+    add_settings_flags(ray_serve, SERVE_FLAGS + RAY_FLAGS)
     make = sub.add_parser("make-adapter", help="write a valid PEFT-format LoRA adapter for the demo model")
     make.add_argument("--out", required=True, type=Path)
     make.add_argument("--rank", type=int, default=8)
@@ -45,42 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="local model directory or hub id (default: embedded demo model)")
-    parser.add_argument("--store", help="adapter store directory (default: adapters_store)")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
-    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
-    parser.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int)
-    parser.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
-    parser.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
-    parser.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
-    for flag in ("max-adapters", "max-adapter-rank", "max-prompt-tokens", "max-new-tokens", "max-request-body-bytes"):
-        parser.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
-    parser.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
-                        help="directory POST /v1/load_lora_adapter may load from (repeatable)")
-    parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=SOURCE",
-                        help="register an adapter at start-up (repeatable; vLLM's --lora-modules): SOURCE is "
-                             "hf://org/repo[@rev], org/repo, s3://bucket/prefix or a directory under a --lora-root")
-    parser.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
-    parser.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
-                        help="file of '<scope> <key>' lines (scopes: admin, inference); also ADAPTER_SERVICE_API_KEYS")
-    parser.add_argument("--log-level", dest="log_level")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command in CLIENT_COMMANDS:
         sys.exit(run_client_command(args))
-    if args.command == "serve":
-        settings = Settings(**{k: v for k in SERVE_FLAGS if (v := getattr(args, k)) is not None})
-        _serve(settings)
-    elif args.command == "serve-ray":
-        settings = Settings(**{k: v for k in SERVE_FLAGS + RAY_FLAGS if (v := getattr(args, k)) is not None})
-        _serve_ray(settings)
+    if args.command in ("serve", "serve-ray"):
+        try:
+            settings = settings_from_args(args, SERVE_FLAGS if args.command == "serve" else SERVE_FLAGS + RAY_FLAGS)
+        except SettingsInputError as exc:
+            sys.exit(f"error: {exc}")
+        if (problem := settings.model_source_problem()) is not None:
+            sys.exit(f"error: {problem}")
+        if args.command == "serve":
+            _serve(settings)
+        else:
+            _serve_ray(settings)
     else:
         _make_adapter(args)
 
@@ -93,6 +68,7 @@ def _serve(settings: Settings) -> None:
     uploads, and a busy port must not cost a model load first.
     """
     from .api.server import listen, run
+    from .errors import StartupFailure
     from .store_lock import StoreLock, StoreLockedError
 
     try:
@@ -108,14 +84,38 @@ def _serve(settings: Settings) -> None:
     from .logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    _create_api_key(settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.api_keys_file):
         logging.getLogger(__name__).warning(
             "SERVING ON %s WITHOUT API KEYS: anyone who can reach this address can upload, delete and run "
             "adapters. Set ADAPTER_SERVICE_API_KEYS or --api-keys-file.", settings.host)
     try:
         run(create_app(settings), sock, settings.log_level)
+    except StartupFailure as exc:  # the model or a start-up adapter: one line, no traceback
+        sys.exit(f"error: {exc}")
     finally:
         lock.release()
+
+
+def _create_api_key(settings: Settings) -> None:
+    """With --create-api-key and no keys set: a keys file with one new admin key, the key logged once.
+
+    The Docker image listens on every interface of its container, so it must not run an open API; a key made
+    on the first start and kept on the volume lets `docker compose up` work on a fresh machine all the same.
+    """
+    path = settings.api_keys_file
+    if not settings.create_api_key or settings.api_keys or path is None or path.exists():
+        return
+    import secrets
+
+    key = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(f"# created by `serve --create-api-key`; one '<scope> <key>' per line (scopes: admin, inference)\n"
+                f"admin {key}\n")
+    logging.getLogger(__name__).warning(
+        "created an admin API key in %s (send it as 'Authorization: Bearer <key>'; the CLI reads "
+        "ADAPTER_SERVICE_API_KEY): %s", path, key)
 
 
 def _serve_ray(settings: Settings) -> None:

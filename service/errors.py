@@ -19,6 +19,11 @@ def echo(value: object) -> str:
     return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + f"... ({len(text)} chars)"
 
 
+class StartupFailure(Exception):
+    """The server cannot start (its model does not load, a start-up adapter fails): `serve` prints the message
+    as one line and exits non-zero. Not a ServiceError: no request is answered with it."""
+
+
 class ServiceError(Exception):
     """Base of every error the service reports to a client."""
 

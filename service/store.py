@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from adapter_client.ids import adapter_id_problem
 from service.failpoints import failpoint
 from service.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from service.store_lock import StoreLock
@@ -46,19 +46,13 @@ ACTIVE_FILE = "active.json"
 UNLOADED_FILE = "unloaded"  # marker: the adapter's files are kept, but it is not served (nor restored)
 MANIFEST_VERSION = 1
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Names the HTTP layer uses for itself ("base" model, the "active" adapter), so never adapter ids.
-RESERVED_IDS = frozenset({"base", "active"})
-
 
 def validate_adapter_id(adapter_id: str) -> str:
-    """Return the id if it is a safe directory name for an adapter, else raise InvalidAdapterIdError."""
-    if not isinstance(adapter_id, str) or not _ID_RE.fullmatch(adapter_id):
-        raise InvalidAdapterIdError(str(adapter_id), "must be 1-64 characters from A-Z a-z 0-9 . _ -")
-    if adapter_id.startswith("."):
-        raise InvalidAdapterIdError(adapter_id, "must not start with '.'")
-    if adapter_id.lower() in RESERVED_IDS:
-        raise InvalidAdapterIdError(adapter_id, f"'{adapter_id}' is reserved")
+    """Return the id if it is a safe directory name for an adapter, else raise InvalidAdapterIdError (the rule is
+    adapter_client/ids.py's, which the client checks before it sends a body)."""
+    problem = adapter_id_problem(adapter_id)
+    if problem is not None:
+        raise InvalidAdapterIdError(str(adapter_id), problem)
     return adapter_id
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from ..app import AdapterService
 from ..app.sources import StartupAdapterError, register_startup_adapters
+from ..errors import StartupFailure
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from . import (
@@ -43,14 +44,18 @@ def create_app(settings: Settings, service: AdapterService | None = None, title:
             return
         from ..app.local import LocalAdapterService  # loads torch and transformers: not at import time
 
-        local = LocalAdapterService.from_settings(settings, metrics)
+        try:
+            local = LocalAdapterService.from_settings(settings, metrics)
+        except Exception as exc:  # a model that does not load: `serve` prints one line and exits non-zero
+            log.debug("loading the model failed", exc_info=True)
+            first_line = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+            raise StartupFailure(f"cannot load the model {settings.model or '(demo)'}: {first_line}") from None
         local.start()
         try:
             await register_startup_adapters(local, settings.adapter_specs())
         except StartupAdapterError as exc:
-            log.error("%s", exc)  # one line; the server exits (non-zero) without serving
             local.stop()
-            raise SystemExit(1) from None
+            raise StartupFailure(str(exc)) from None  # one line; the server exits (non-zero) without serving
         app.state.service = local
         log.info("service ready: model %s, %d adapter(s)", local.model_name, len(local.registry.records))
         try:

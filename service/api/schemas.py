@@ -12,7 +12,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str
     adapter_id: str | None = Field(default=None, description="an adapter id, 'base', or null for the active one")
-    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    max_new_tokens: int = Field(default=64, ge=1, description="at most the server's --max-new-tokens (422 beyond)")
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)

@@ -11,6 +11,9 @@ import socket
 from typing import TYPE_CHECKING
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import StartupFailure
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -46,9 +49,60 @@ class _SocketServer(uvicorn.Server):
             log.info(message, self.config.host, self.config.port)
 
 
+class _StartupFailureCatcher:
+    """ASGI wrapper of the app's lifespan: a `StartupFailure` ends the start-up with its message alone.
+
+    Starlette sends the formatted traceback as the `lifespan.startup.failed` message, which uvicorn logs; for
+    a StartupFailure (a model that does not load, a start-up adapter that fails) the message is the whole
+    story, so it is kept here for `run` to raise, and the traceback and uvicorn's own "Application startup
+    failed" line are left out. Any other exception keeps uvicorn's full report.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.failure: StartupFailure | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_startup_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # sent below once the exception is known
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_startup_failure)
+        except StartupFailure as exc:
+            self.failure = exc
+            log.addFilter(_drop_startup_failed_line)
+            await send({"type": "lifespan.startup.failed", "message": ""})
+            return
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
+        for message in held:
+            await send(message)
+
+
+def _drop_startup_failed_line(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "Application startup failed. Exiting."
+
+
 def run(app: FastAPI, sock: socket.socket, log_level: str) -> None:
-    """Serve `app` on the listening `sock` until a shutdown signal."""
+    """Serve `app` on the listening `sock` until a shutdown signal; StartupFailure if its start-up fails so."""
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+    catcher = _StartupFailureCatcher(app)
+    config = uvicorn.Config(catcher, host=host, port=port, log_level=log_level, access_log=False,
                             log_config=None)  # our middleware logs each request with its id
-    _SocketServer(config).run(sockets=[sock])
+    try:
+        _SocketServer(config).run(sockets=[sock])
+    except SystemExit:  # recent uvicorn exits (3) when the start-up failed; older ones return
+        if catcher.failure is None:
+            raise
+    if catcher.failure is not None:
+        raise catcher.failure

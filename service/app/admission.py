@@ -74,8 +74,9 @@ class Admission:
             raise RequestLimitError("invalid_token_id", f"logit_bias and stop_token_ids name token ids outside "
                                     f"[0, {self.vocab_size}): {out_of_range[:8]}", {"vocab_size": self.vocab_size})
         if request.params.max_new_tokens > limits.max_new_tokens:
-            raise RequestLimitError("max_new_tokens_too_large", f"at most {limits.max_new_tokens} new tokens per "
-                                    "request", {"max_new_tokens": limits.max_new_tokens})
+            raise RequestLimitError("max_new_tokens_too_large", f"{request.params.max_new_tokens} new tokens asked; "
+                                    f"this server allows at most {limits.max_new_tokens} per request "
+                                    "(its --max-new-tokens)", {"max_new_tokens": limits.max_new_tokens})
 
     async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Token events then the result. Admission errors raise here, before any event; the row and the
