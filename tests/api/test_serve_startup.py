@@ -33,7 +33,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_second_server_on_the_store_exits_and_the_first_keeps_serving(server, store, model_dir, adapters) -> None:
+def test_a_second_server_on_the_store_exits_and_the_first_keeps_serving(fresh_server, store, model_dir,
+                                                                       adapters) -> None:
+    server = fresh_server  # holds the lock on `store` (a shared server would hold another store)
     assert upload(server.client, adapters["alpha"], "alpha").status_code == 201
     assert server.client.put("/adapters/alpha/activate").status_code == 200
     # What an upload in progress looks like on disk (FastAPI spools the body elsewhere first, so a real one is
