@@ -15,7 +15,8 @@ from .settings import Settings
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
                "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
-               "lora_roots", "adapters", "log_json", "api_keys_file", "log_level")
+               "max_prompts_per_request", "max_chat_messages", "public_health_details", "lora_roots", "adapters",
+               "log_json", "api_keys_file", "log_level")
 RAY_FLAGS = ("ray_address", "num_replicas", "max_adapters_per_replica", "replica_num_cpus", "replica_num_gpus",
              "replica_lease_s", "replica_retries")
 
@@ -58,7 +59,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-token-budget", dest="prefill_token_budget", type=int)
     parser.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
     parser.add_argument("--max-resident-adapters", dest="max_resident_adapters", type=int)
-    for flag in ("max-adapters", "max-adapter-rank", "max-prompt-tokens", "max-new-tokens", "max-request-body-bytes"):
+    for flag in ("max-adapters", "max-adapter-rank", "max-prompt-tokens", "max-new-tokens", "max-request-body-bytes",
+                 "max-prompts-per-request", "max-chat-messages"):
         parser.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
     parser.add_argument("--lora-root", dest="lora_roots", action="append", type=Path,
                         help="directory POST /v1/load_lora_adapter may load from (repeatable)")
@@ -69,6 +71,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
                         help="file of '<scope> <key>' lines (scopes: admin, inference); also ADAPTER_SERVICE_API_KEYS")
     parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument("--public-health-details", dest="public_health_details",
+                        action=argparse.BooleanOptionalAction, default=None,
+                        help="adapter names in /health and /metrics for callers without a key (default: only "
+                        "when no API keys are set)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=4096, ge=1)
     max_new_tokens: int = Field(default=4096, ge=1)
     max_request_body_bytes: int = Field(default=8 * MiB, gt=0)  # JSON bodies (uploads: max_upload_bytes)
+    max_prompts_per_request: int = Field(default=16, ge=1)  # prompts in one /v1/completions request
+    max_chat_messages: int = Field(default=256, ge=1)  # messages in one /v1/chat/completions request
     demo_cache: Path = Field(default_factory=_default_demo_cache)
     # Directories that POST /v1/load_lora_adapter may read adapters from (empty: path loading disabled).
     lora_roots: list[Path] = Field(default_factory=list)
@@ -56,6 +58,9 @@ class Settings(BaseSettings):
     # API keys as "admin:KEY,inference:KEY" and/or a file of "<scope> <key>" lines; none = open API.
     api_keys: str | None = None
     api_keys_file: Path | None = None
+    # /health's adapter names and /metrics' per-adapter series to callers without a key; None (default): shown
+    # when the API is open, hidden when API keys are set.
+    public_health_details: bool | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # ---- Ray Serve deployment (`python -m service serve-ray`, see docs/deploy.md) ----
     # Cluster to join ("auto", "ray://head:10001"); None starts a local Ray instance on this machine.

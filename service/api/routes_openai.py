@@ -12,9 +12,10 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from ..app import BASE, AdapterService, Generation, GenerationInput
 from ..engine import GenerationResult, SamplingParams, TokenEvent
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RequestLimitError
 from .auth import require
-from .deps import Svc
+from .deps import Config, Svc
+from .disconnect import ClientDisconnected, disconnected_response, unless_disconnected
 from .schemas_openai import ChatCompletionRequest, CompletionRequest
 from .streaming import error_event, served_by_header, sse_event, sse_response
 
@@ -50,8 +51,11 @@ def _usage(results: list[GenerationResult]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _inputs(prompt: Any, adapter: str, params: SamplingParams) -> list[GenerationInput]:
+def _inputs(prompt: Any, adapter: str, params: SamplingParams, max_prompts: int) -> list[GenerationInput]:
     """One generation per prompt: a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > max_prompts:
+        raise RequestLimitError("too_many_prompts", f"{len(prompt)} prompts in one request; the limit is "
+                                f"{max_prompts}", {"max_prompts_per_request": max_prompts})
     if isinstance(prompt, str):
         return [GenerationInput(params, adapter, prompt=prompt)]
     if prompt and all(isinstance(p, int) for p in prompt):
@@ -77,10 +81,12 @@ async def _admit_all(service: AdapterService, inputs: list[GenerationInput]) -> 
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, response: Response, service: Svc):
+async def completions(body: CompletionRequest, request: Request, response: Response, service: Svc,
+                      settings: Config):
     """Text completion for one or more prompts (strings or token ids); the prompts run in one batch."""
     request.state.adapter_id = body.model
-    inputs = _inputs(body.prompt, _adapter_for(service, body.model), _params(body, body.max_tokens or 16))
+    inputs = _inputs(body.prompt, _adapter_for(service, body.model), _params(body, body.max_tokens or 16),
+                     settings.max_prompts_per_request)
     created, completion_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     if body.stream:
         if len(inputs) != 1:
@@ -94,7 +100,10 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         return sse_response(_stream(generation, chunk), served_by_header(generation))
     generations = await _admit_all(service, inputs)
     response.headers.update(served_by_header(generations[0]))
-    results = await asyncio.gather(*(g.result() for g in generations))
+    try:
+        results = await unless_disconnected(request, asyncio.gather(*(g.result() for g in generations)))
+    except ClientDisconnected:
+        return disconnected_response()
     return {
         "id": completion_id, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
@@ -104,9 +113,13 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, service: Svc):
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, service: Svc,
+                           settings: Config):
     """Chat completion: messages rendered with the tokenizer's chat template (a plain default otherwise)."""
     request.state.adapter_id = body.model
+    if len(body.messages) > settings.max_chat_messages:
+        raise RequestLimitError("too_many_messages", f"{len(body.messages)} messages in one request; the limit is "
+                                f"{settings.max_chat_messages}", {"max_chat_messages": settings.max_chat_messages})
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     params = _params(body, body.max_completion_tokens or body.max_tokens or 256)
     generation = await service.generate(GenerationInput(params, _adapter_for(service, body.model), messages=messages))
@@ -119,7 +132,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
 
         return sse_response(_stream(generation, chunk, opening=chunk(None, None)), served_by_header(generation))
     response.headers.update(served_by_header(generation))
-    result = await generation.result()
+    try:
+        result = await unless_disconnected(request, generation.result())
+    except ClientDisconnected:
+        return disconnected_response()
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},

@@ -2,43 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .schemas import MAX_PATH_CHARS, Name, Stop, StopString, Text
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
 
-    model: str
+    model: Name
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # vLLM extension
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: StopString | Stop | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="one choice per prompt")
     ignore_eos: bool = False  # vLLM extension
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # How many prompts one request may hold is the max_prompts_per_request setting (checked by the route).
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=4096)
     echo: Literal[False] = False
     logprobs: None = None
+
+
+class TextPart(BaseModel):
+    """One part of a multi-part message: only text is served (an image or audio part is refused, not dropped)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
-        """Plain text of the message (text parts of a multi-part content list)."""
+        """Plain text of the message (its text parts joined)."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
@@ -53,8 +65,8 @@ class LoadLoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: str
-    lora_path: str  # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
+    lora_name: Name
+    lora_path: Annotated[Text, StringConstraints(max_length=MAX_PATH_CHARS)]  # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
     load_inplace: bool = False  # replace an adapter already loaded under this name
     is_3d_lora_weight: bool = False  # vLLM's fused-MoE weight layout: only False is supported
 
@@ -64,5 +76,5 @@ class UnloadLoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: str
+    lora_name: Name
     lora_int_id: int | None = None
