@@ -77,6 +77,18 @@ def authorize(keys: ApiKeys, authorization: str, scope: str) -> str | None:
     return granted
 
 
+def sees_details(request: Request) -> bool:
+    """Whether the caller of an open endpoint (/health, /metrics) may see adapter names: always with a valid key,
+    else as `public_health_details` says (default: only when the API is open)."""
+    keys: ApiKeys = request.app.state.api_keys
+    public = request.app.state.settings.public_health_details
+    if public if public is not None else not keys.enabled:
+        return True
+    header = request.headers.get("authorization", "")
+    presented = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    return bool(presented) and keys.scope_of(presented) is not None
+
+
 def require(scope: str) -> Callable[[Request], None]:
     """A dependency that lets the request through only with a key of `scope` (or admin); `ApiKeyGate` reads
     the scope it declares to check it before the body."""

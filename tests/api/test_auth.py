@@ -133,3 +133,27 @@ def test_docs_need_a_key_health_and_metrics_do_not(model_dir, tmp_path) -> None:
         assert c.get("/metrics").status_code == 200
     finally:
         server.stop()
+
+
+def test_health_and_metrics_name_adapters_only_to_key_holders(model_dir, tmp_path, adapters) -> None:
+    """With keys set, /health and /metrics stay open but name no adapter to a caller without a key, unless
+    --public-health-details says so."""
+    for extra, public in (((), False), (("--public-health-details",), True)):
+        server = ServerProcess(model_dir, tmp_path / f"store-{public}", *extra, env=KEYS)
+        try:
+            c = server.client
+            admin = _auth("adm-secret")
+            r = c.post("/adapters", headers=admin, files=[
+                ("files", (n, (adapters["alpha"] / n).read_bytes()))
+                for n in ("adapter_config.json", "adapter_model.safetensors")], data={"adapter_id": "secret-name"})
+            assert r.status_code == 201
+            assert c.put("/adapters/secret-name/activate", headers=admin).status_code == 200
+            gen = {"prompt": "hi", "max_new_tokens": 1, "adapter_id": "secret-name"}
+            assert c.post("/generate", json=gen, headers=admin).status_code == 200
+            anonymous = c.get("/health").text + c.get("/metrics").text
+            assert ("secret-name" in anonymous) is public
+            assert c.get("/health").json()["adapters"] == 1
+            keyed = c.get("/health", headers=_auth("inf-secret")).text + c.get("/metrics", headers=admin).text
+            assert "secret-name" in keyed
+        finally:
+            server.stop()
