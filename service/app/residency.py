@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from ..engine import Engine
+from ..memory import release_free_memory
 from ..metrics import ServiceMetrics
 from ..runtime import LoadedAdapter
 from .registry import AdapterRecord, AdapterRegistry
@@ -151,6 +152,7 @@ class Residency:
                 victim = min(idle, key=lambda r: r.last_used)
                 victim.loaded = None  # from now on a request for it loads it again (after this delete runs)
                 await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
+                await asyncio.to_thread(release_free_memory)
                 log.info("evicted adapter %s (least recently used)", victim.id)
             self._slots_reserved += 1
 

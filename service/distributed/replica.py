@@ -26,6 +26,7 @@ from ..app.interface import GenerationInput
 from ..engine import Engine, GenerationRequest, GenerationResult
 from ..errors import AdapterNotFoundError, ServiceError
 from ..failpoints import failpoint
+from ..memory import configure_allocator
 from ..merging import MergeSpec, merge
 from ..merging.adapter_files import write_peft_adapter
 from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
@@ -63,6 +64,7 @@ class AdapterReplica:
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
+        configure_allocator()  # before the model's tensors: freed adapters' memory goes back to the OS
         self.base = load_base_model(self.settings)
         runtime = AdapterRuntime(self.base.model, max_rank=self.settings.max_adapter_rank,
                                  model_name=self.base.name)
