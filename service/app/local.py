@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import BinaryIO
 
+from ..cpu import configure_threads
 from ..engine import Engine, GenerationRequest
 from ..errors import AdapterExistsError, InvalidMergeError, ServiceError
 from ..failpoints import failpoint
@@ -59,6 +60,7 @@ class LocalAdapterService:
     def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> LocalAdapterService:
         """Load the model, open (and recover) the store, restore its adapters; the engine is not started."""
         configure_allocator()  # before the model's tensors: freed adapters' memory goes back to the OS
+        configure_threads()
         base = load_base_model(settings)
         runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank, model_name=base.name)
         engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=settings.max_batch_size,
