@@ -200,3 +200,15 @@ def _poll(server, done, attempts: int = 100) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_adapter_id_equal_to_the_base_models_name_is_refused(hostile_server, adapters) -> None:
+    c = hostile_server.client
+    base_name = c.get("/v1/models").json()["data"][0]["id"]
+    for name in (base_name, "base"):
+        r = upload(c, adapters["alpha"], name)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_id", (name, r.text)
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": base_name,
+                                               "lora_path": str(hostile_server.lora_root / "alpha")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_id"
+    assert c.get("/adapters").json()["adapters"] == []
