@@ -66,7 +66,8 @@ class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_name: Name
-    lora_path: Annotated[Text, StringConstraints(max_length=MAX_PATH_CHARS)]  # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
+    # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
+    lora_path: Annotated[Text, StringConstraints(max_length=MAX_PATH_CHARS)]
     load_inplace: bool = False  # replace an adapter already loaded under this name
     is_3d_lora_weight: bool = False  # vLLM's fused-MoE weight layout: only False is supported
 
