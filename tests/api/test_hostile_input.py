@@ -71,7 +71,8 @@ def test_malformed_strings_are_422_on_a_kept_connection(hostile_server) -> None:
     try:
         for path, body in MALFORMED:
             status, headers, reply = _post_raw(conn, path, body)
-            assert status == 422, (path, body[:120], reply)
+            # vLLM's endpoints answer bad input with vLLM's 400 (service/api/routes_vllm.py); ours with 422
+            assert status == (400 if path == "/v1/load_lora_adapter" else 422), (path, body[:120], reply)
             assert headers.get("connection", "").lower() != "close"
             # the same connection serves the next request: it was not reset
             ok, _, _ = _post_raw(conn, "/generate", '{"prompt": "hi", "max_new_tokens": 1}')
@@ -79,7 +80,7 @@ def test_malformed_strings_are_422_on_a_kept_connection(hostile_server) -> None:
         long_component = str(hostile_server.lora_root / ("a" * 300))  # over NAME_MAX, inside the root
         status, _, reply = _post_raw(conn, "/v1/load_lora_adapter",
                                      json.dumps({"lora_name": "long", "lora_path": long_component}))
-        assert status == 422 and reply["error"]["code"] == "invalid_path", reply
+        assert status == 422 and "not a usable path" in reply["error"]["message"], reply  # invalid_path
     finally:
         conn.close()
     assert hostile_server.alive()
@@ -159,8 +160,8 @@ def test_lora_root_files_symlinked_outside_are_refused(hostile_server, adapters)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         os.symlink(outside / name, inside / name)
     r = hostile_server.client.post("/v1/load_lora_adapter", json={"lora_name": "linked", "lora_path": str(inside)})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed", r.text
-    assert r.json()["error"]["details"]["file"] == "adapter_config.json"
+    # path_not_allowed, in vLLM's error body (service/api/routes_vllm.py)
+    assert r.status_code == 403 and "resolves outside the allowed roots" in r.json()["error"]["message"], r.text
     assert hostile_server.client.get("/adapters/linked").status_code == 404
 
 
@@ -187,7 +188,7 @@ def test_non_streaming_clients_that_leave_free_their_rows(model_dir, tmp_path) -
         for sock in socks:
             sock.close()
         assert _poll(server, lambda h: h["requests_running"] == 0 and h["requests_waiting"] == 0), \
-            "rows of departed clients kept generating"
+            (server.client.get("/health").json(), server.log[-3000:])
         assert server.client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     finally:
         server.stop()
@@ -202,13 +203,17 @@ def _poll(server, done, attempts: int = 100) -> bool:
     return False
 
 
-def test_adapter_id_equal_to_the_base_models_name_is_refused(hostile_server, adapters) -> None:
-    c = hostile_server.client
-    base_name = c.get("/v1/models").json()["data"][0]["id"]
-    for name in (base_name, "base"):
-        r = upload(c, adapters["alpha"], name)
-        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_id", (name, r.text)
-    r = c.post("/v1/load_lora_adapter", json={"lora_name": base_name,
-                                               "lora_path": str(hostile_server.lora_root / "alpha")})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_id"
-    assert c.get("/adapters").json()["adapters"] == []
+def test_adapter_id_equal_to_the_base_models_name_is_refused(tmp_path, adapters) -> None:
+    """The embedded demo model's name is a valid id: refused, else `model: <name>` could not reach it."""
+    server = ServerProcess(None, tmp_path / "store", "--lora-root", str(adapters["alpha"].parent))
+    try:
+        c = server.client
+        base_name = c.get("/v1/models").json()["data"][0]["id"]
+        for name in (base_name, "base"):
+            r = upload(c, adapters["alpha"], name)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter_id", (name, r.text)
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": base_name, "lora_path": str(adapters["alpha"])})
+        assert r.status_code == 400 and "base model" in r.json()["error"]["message"], r.text  # vLLM's status
+        assert c.get("/adapters").json()["adapters"] == []
+    finally:
+        server.stop()
