@@ -194,7 +194,7 @@ def test_non_streaming_clients_that_leave_free_their_rows(model_dir, tmp_path) -
         server.stop()
 
 
-def _poll(server, done, attempts: int = 100) -> bool:
+def _poll(server, done, attempts: int = 200) -> bool:
     """Ask /health up to `attempts` times, 0.1 s apart, until `done(health)`."""
     for _ in range(attempts):
         if done(server.client.get("/health").json()):
