@@ -87,5 +87,18 @@ class ServiceMetrics:
             for values in stale:
                 metric.remove(*values)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, per_adapter: bool = True) -> bytes:
+        """The text format; without `per_adapter`, no series that names an adapter."""
+        return generate_latest(self.registry if per_adapter else _WithoutAdapters(self.registry))
+
+
+class _WithoutAdapters:
+    """A registry view that leaves out every sample labelled with an adapter id."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if "adapter" not in s.labels]
+            yield family

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=4096, ge=1, description="new tokens per request (422 beyond)")
     max_request_body_bytes: int = Field(default=8 * MiB, gt=0, description="JSON request bodies, by "
                                         "Content-Length (413 beyond; uploads: max upload bytes)")
+    max_prompts_per_request: int = Field(default=16, ge=1, description="prompts in one /v1/completions request "
+                                         "(422 beyond)")
+    max_chat_messages: int = Field(default=256, ge=1, description="messages in one /v1/chat/completions request "
+                                   "(422 beyond)")
     demo_cache: Path = Field(default_factory=_default_demo_cache, description="where the demo model is built "
                              "and cached")
     # The flag is `--lora-root` (repeatable): its environment name ADAPTER_SERVICE_LORA_ROOT works as well.
@@ -95,6 +99,9 @@ class Settings(BaseSettings):
                                        "inference)")
     create_api_key: bool = Field(default=False, description="when no API keys are set and the keys file does not "
                                  "exist, create it with one new admin key and log the key (the Docker image does)")
+    public_health_details: bool | None = Field(
+        default=None, description="adapter names in /health and /metrics for callers without a key (default: "
+        "shown when the API is open, hidden when API keys are set)")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         default="info", description="critical, error, warning, info, debug or trace")
     # ---- Ray Serve deployment (`python -m service serve-ray`, see docs/deploy.md) ----

@@ -254,9 +254,13 @@ class AdapterStore:
     def zip_copy(self, stored: StoredAdapter) -> Path:
         """A zip of `stored`'s PEFT files in the staging area (the caller removes it after sending)."""
         fd, name = tempfile.mkstemp(prefix="download-", suffix=".zip", dir=self.staging)
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
-            archive.write(stored.config_path, CONFIG_FILE)
-            archive.write(stored.weights_path, WEIGHTS_FILE)
+        try:
+            with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+                archive.write(stored.config_path, CONFIG_FILE)
+                archive.write(stored.weights_path, WEIGHTS_FILE)
+        except BaseException:  # a full disk, a vanished file: no half-written zip stays behind
+            Path(name).unlink(missing_ok=True)
+            raise
         return Path(name)
 
     def exists(self, adapter_id: str) -> bool:

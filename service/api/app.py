@@ -26,7 +26,7 @@ from . import (
     routes_ui,
     routes_vllm,
 )
-from .auth import ApiKeys
+from .auth import ApiKeyGate, ApiKeys
 from .body_limit import StreamedBodyLimit
 from .errors import install_error_handlers
 from .middleware import install_request_middleware
@@ -70,8 +70,11 @@ def create_app(settings: Settings, service: AdapterService | None = None, title:
     install_error_handlers(app)
     app.add_middleware(StreamedBodyLimit, max_body_bytes=settings.max_request_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)  # inside the request-id middleware
+    # Keys before a byte of the body (outside the body counter, inside the request id and access log).
+    routers = [m.router for m in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm,
+                                  routes_metrics, routes_ui)]
+    app.add_middleware(ApiKeyGate, keys=app.state.api_keys, routes=[r for router in routers for r in router.routes])
     install_request_middleware(app, metrics, settings.max_request_body_bytes, settings.max_upload_bytes)
-    for module in (routes_health, routes_adapters, routes_generate, routes_openai, routes_vllm, routes_metrics,
-                   routes_ui):
-        app.include_router(module.router)
+    for router in routers:
+        app.include_router(router)
     return app

@@ -5,6 +5,7 @@ Every error leaves the API as `{"error": {"code", "message", "details"}}` with t
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -13,9 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ServiceError
+from ..errors import MAX_ECHO_CHARS, ServiceError
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE_CHARS = 2000  # an error message (it may quote input, already cut by service.errors.echo)
+MAX_DETAIL_ITEMS = 50  # list items and dict entries kept in `details`
 
 STATUS_BY_CODE: dict[str, int] = {
     # adapters
@@ -49,6 +52,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 422,
     "empty_prompt": 422,
     "prompt_too_long": 422,
+    "too_many_prompts": 422,
+    "too_many_messages": 422,
     "invalid_token_id": 422,
     "max_new_tokens_too_large": 422,
     "overloaded": 429,
@@ -71,17 +76,45 @@ def status_of(code: str) -> int:
     return STATUS_BY_CODE.get(code, 400)
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def capped(value: Any, limit: int = MAX_ECHO_CHARS) -> Any:
+    """`value` with every string cut to `limit` chars and every list or dict to MAX_DETAIL_ITEMS entries:
+    an error body never repeats a huge input (a 10 MB regex, a 10 MB JSON key) back."""
+    if isinstance(value, str):
+        return _cut(value, limit)
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {_cut(str(k), limit): capped(v, limit) for k, v in items[:MAX_DETAIL_ITEMS]}
+        if len(items) > MAX_DETAIL_ITEMS:
+            out["..."] = f"{len(items) - MAX_DETAIL_ITEMS} more"
+        return out
+    if isinstance(value, (list, tuple)):
+        kept = [capped(v, limit) for v in value[:MAX_DETAIL_ITEMS]]
+        return kept + ([f"... {len(value) - MAX_DETAIL_ITEMS} more"] if len(value) > MAX_DETAIL_ITEMS else [])
+    return value
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or {}}}
+    return {"error": {"code": code, "message": _cut(message, MAX_MESSAGE_CHARS), "details": capped(details or {})}}
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone surrogate a client sent (say in a dict key) is written escaped."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status_of(exc.code),
-                        headers=_HEADERS_BY_CODE.get(exc.code))
+    return ErrorJSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status_of(exc.code),
+                             headers=_HEADERS_BY_CODE.get(exc.code))
 
 
 def _json(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from ..app import Activation, AdapterView
 from ..errors import InvalidRequestError
@@ -22,6 +25,18 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 ADMIN = [Depends(require("admin"))]
 READ = [Depends(require("inference"))]
+
+
+class TemporaryFileResponse(FileResponse):
+    """A file sent once and then removed, however the sending ends: a client that disconnects, an error or a
+    cancelled task included (a FileResponse's background task only runs after a complete send)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(Path(self.path).unlink, True)
 
 
 def adapter_info(view: AdapterView) -> AdapterInfo:
@@ -106,9 +121,8 @@ async def deactivate(service: Svc) -> ActiveResponse:
 @router.get("/{adapter_id}/download", response_class=FileResponse, dependencies=ADMIN)
 async def download_adapter(adapter_id: str, service: Svc) -> FileResponse:
     """The adapter as a zip in PEFT format (adapter_config.json + adapter_model.safetensors)."""
-    path = await service.download(adapter_id)
-    return FileResponse(path, media_type="application/zip", filename=f"{adapter_id}.zip",
-                        background=BackgroundTask(path.unlink, missing_ok=True))
+    path = await service.download(adapter_id)  # a zip in the store's staging area, removed once sent (or not)
+    return TemporaryFileResponse(path, media_type="application/zip", filename=f"{adapter_id}.zip")
 
 
 @router.post("/{adapter_id}/export", dependencies=ADMIN)

@@ -10,6 +10,7 @@ from ..app import BASE, GenerationEvent, GenerationInput
 from ..engine import GenerationResult, SamplingParams
 from .auth import require
 from .deps import Svc
+from .disconnect import ClientDisconnected, disconnected_response, unless_disconnected
 from .middleware import count_tokens
 from .schemas import GenerateRequest, GenerateResponse, Usage
 from .streaming import error_event, served_by_header, sse_event, sse_response
@@ -46,7 +47,10 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     headers = served_by_header(generation)
     if not body.stream:
         response.headers.update(headers)
-        return generate_response(await generation.result(), label)
+        try:
+            return generate_response(await unless_disconnected(request, generation.result()), label)
+        except ClientDisconnected:
+            return disconnected_response()
     return sse_response(generate_sse(generation.events, label), headers)
 
 

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from ..app import BASE, AdapterService, Generation, GenerationInput
 from ..engine import SamplingParams, TokenLogprob
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RequestLimitError
 from .auth import require
-from .deps import Svc
+from .deps import Config, Svc
+from .disconnect import ClientDisconnected, disconnected_response, unless_disconnected
 from .middleware import count_tokens
 from .openai_format import chat_logprobs, completion_logprobs, results, stream, usage
 from .schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -49,8 +50,11 @@ def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, lo
     )
 
 
-def _inputs(prompt: Any, adapter: str, params: SamplingParams) -> list[GenerationInput]:
+def _inputs(prompt: Any, adapter: str, params: SamplingParams, max_prompts: int) -> list[GenerationInput]:
     """One generation per prompt: a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > max_prompts:
+        raise RequestLimitError("too_many_prompts", f"{len(prompt)} prompts in one request; the limit is "
+                                f"{max_prompts}", {"max_prompts_per_request": max_prompts})
     if isinstance(prompt, str):
         return [GenerationInput(params, adapter, prompt=prompt)]
     if prompt and all(isinstance(p, int) for p in prompt):
@@ -90,11 +94,13 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, response: Response, service: Svc):
+async def completions(body: CompletionRequest, request: Request, response: Response, service: Svc,
+                      settings: Config):
     """Text completion for one or more prompts (strings or token ids), n choices each; all run in one batch."""
     request.state.adapter_id = body.model
     params = _params(body, body.max_tokens or 16, body.logprobs)
-    inputs = _copies(_inputs(body.prompt, _adapter_for(service, body.model), params), body.n)
+    inputs = _copies(_inputs(body.prompt, _adapter_for(service, body.model), params,
+                             settings.max_prompts_per_request), body.n)
     generations = await _admit_all(service, inputs, request)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
@@ -112,7 +118,10 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         return sse_response(stream(generations, chunk, body.n, head, include_usage=_include_usage(body)),
                             served_by_header(generations[0]))
     response.headers.update(served_by_header(generations[0]))
-    done = await results(generations)
+    try:  # a client that leaves frees its rows, as a streaming one does
+        done = await unless_disconnected(request, results(generations))
+    except ClientDisconnected:
+        return disconnected_response()
     return {
         **head,
         "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
@@ -123,9 +132,13 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, service: Svc):
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, service: Svc,
+                           settings: Config):
     """Chat completion: messages rendered with the tokenizer's chat template (a plain default otherwise)."""
     request.state.adapter_id = body.model
+    if len(body.messages) > settings.max_chat_messages:
+        raise RequestLimitError("too_many_messages", f"{len(body.messages)} messages in one request; the limit is "
+                                f"{settings.max_chat_messages}", {"max_chat_messages": settings.max_chat_messages})
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     params = _params(body, body.max_completion_tokens or body.max_tokens or 256, body.top_logprob_count())
     inputs = _copies([GenerationInput(params, _adapter_for(service, body.model), messages=messages)], body.n)
@@ -143,7 +156,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
         return sse_response(stream(generations, chunk, body.n, head, openings, _include_usage(body)),
                             served_by_header(generations[0]))
     response.headers.update(served_by_header(generations[0]))
-    done = await results(generations)
+    try:  # a client that leaves frees its rows, as a streaming one does
+        done = await unless_disconnected(request, results(generations))
+    except ClientDisconnected:
+        return disconnected_response()
     return {
         **head, "object": "chat.completion",
         "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},

@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+# Per-field limits that hold on every endpoint (the token and byte limits are settings: service/settings.py).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_ID_CHARS = 256  # adapter ids, `model`, `lora_name` (the registry's own rule is stricter)
+MAX_PATH_CHARS = 4096
+
+
+def _well_formed(value: str) -> str:
+    """Refuse a lone UTF-16 surrogate (JSON allows "\\ud800"; it cannot be UTF-8 encoded nor tokenized)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the string holds a lone surrogate at index {exc.start}; send well-formed Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]  # any text a client sends
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS), AfterValidator(_well_formed)]
+Stop = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+Name = Annotated[str, StringConstraints(max_length=MAX_ID_CHARS), AfterValidator(_well_formed)]
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    adapter_id: str | None = Field(default=None, description="an adapter id, 'base', or null for the active one")
+    prompt: Text
+    adapter_id: Name | None = Field(default=None, description="an adapter id, 'base', or null for the active one")
     max_new_tokens: int = Field(default=64, ge=1, description="at most the server's --max-new-tokens (422 beyond)")
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: Stop = Field(default_factory=list)
     stream: bool = False
     ignore_eos: bool = Field(default=False, description="keep generating past the end-of-sequence token")
 
@@ -94,7 +115,7 @@ class HealthResponse(BaseModel):
     status: str
     model: str
     device: str
-    active_adapter: str | None
+    active_adapter: str | None = Field(default=None, description="absent for callers not shown adapter names")
     adapters: int
     adapter_bytes: int
     adapters_resident: int

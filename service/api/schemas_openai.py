@@ -8,11 +8,12 @@ every field and what happens to it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from ..engine import MAX_LOGPROBS
+from .schemas import MAX_PATH_CHARS, Name, Stop, StopString, Text
 
 MAX_CHOICES = 16  # n: copies of one prompt (each a row of the batch)
 MAX_STOP = 16  # stop strings (as /generate)
@@ -50,12 +51,12 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # an unknown field is a 422 naming it, never silently dropped
 
-    model: str
+    model: Name
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP)
+    stop: StopString | Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
@@ -102,7 +103,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -132,14 +133,23 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]  # images, audio and files: 422 (a text model)
-    text: str
+    text: Text
+
+
+class TextPart(BaseModel):
+    """One part of a multi-part message: only text is served (an image or audio part is refused, not dropped)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: str | None = Field(default=None, max_length=256)  # accepted, not rendered
     refusal: str | None = None  # an earlier assistant refusal: accepted, not rendered
     tool_call_id: str | None = Field(default=None, max_length=256)  # accepted, not rendered
@@ -227,8 +237,9 @@ class LoadLoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: str
-    lora_path: str  # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
+    lora_name: Name
+    # a directory under --lora-root, or any adapter source (hf://, org/repo, s3://)
+    lora_path: Annotated[Text, StringConstraints(max_length=MAX_PATH_CHARS)]
     load_inplace: bool = False  # replace an adapter already loaded under this name
     is_3d_lora_weight: bool = False  # vLLM's fused-MoE weight layout: only False is supported
 
@@ -238,5 +249,5 @@ class UnloadLoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: str
+    lora_name: Name
     lora_int_id: int | None = None

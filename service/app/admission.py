@@ -22,6 +22,28 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+# A prompt is refused as too long, before it is tokenized, when its UTF-8 size exceeds max_prompt_tokens times
+# the most bytes one token can stand for: the longest vocabulary entry, and never less than this floor (a
+# tokenizer without byte fallback may turn a run of unknown characters into one token).
+MIN_BYTES_PER_TOKEN = 16
+
+
+def bytes_per_token(tokenizer: Any) -> int:
+    """An upper bound of the UTF-8 bytes one token covers (vocabulary entries as stored: byte-level and
+    sentencepiece markers take at least as many bytes as what they decode to)."""
+    try:
+        longest = max((len(token.encode("utf-8", "replace")) for token in tokenizer.get_vocab()), default=0)
+    except (AttributeError, NotImplementedError, TypeError):
+        longest = 0
+    return max(longest, MIN_BYTES_PER_TOKEN)
+
+
+def prompt_bytes(request: GenerationInput) -> int:
+    """UTF-8 bytes of the text a client sent (prompt or chat messages); token ids count 0 (checked as tokens)."""
+    if request.messages is not None:
+        return sum(len(str(m.get("role", "")).encode()) + len(str(m.get("content", "")).encode())
+                   for m in request.messages)
+    return len(request.prompt.encode()) if request.prompt is not None else 0
 
 
 class Leases(Protocol):
@@ -52,8 +74,16 @@ class Admission:
         self.leases = leases
         self.settings = settings
         self.vocab_size = engine.model.config.get_text_config().vocab_size  # an adapter may wrap the embedding
+        self.max_prompt_bytes = settings.max_prompt_tokens * bytes_per_token(engine.tokenizer)
 
     async def tokenize(self, request: GenerationInput) -> list[int]:
+        """Token ids, off the event loop; a text too large to fit max_prompt_tokens is refused first, by bytes."""
+        size = prompt_bytes(request)
+        if size > self.max_prompt_bytes:
+            limit = self.settings.max_prompt_tokens
+            raise RequestLimitError("prompt_too_long", f"the prompt is {size} bytes; it cannot fit the limit of "
+                                    f"{limit} tokens (at most {self.max_prompt_bytes} bytes)",
+                                    {"max_prompt_tokens": limit, "max_prompt_bytes": self.max_prompt_bytes})
         return await asyncio.to_thread(prompt_ids, self.engine.tokenizer, request)
 
     def check(self, request: GenerationRequest) -> None:

@@ -23,6 +23,7 @@ from contextlib import suppress
 
 from ..engine import Engine
 from ..failpoints import failpoint
+from ..memory import release_free_memory
 from ..metrics import ServiceMetrics
 from ..runtime import AdapterRuntime, LoadedAdapter
 from ..store import AdapterStore, StagedAdapter
@@ -140,6 +141,8 @@ class Lifecycle:
         self.residency.forget(adapter_id)
         self.metrics.delete_seconds.observe(time.perf_counter() - start)
         self.metrics.forget_adapter(adapter_id)
+        del record
+        await asyncio.to_thread(release_free_memory)  # its tensors are gone: give their pages back
         log.info("adapter %s %s (%d bytes freed)", adapter_id, "unloaded, files kept" if keep_files else "deleted",
                  freed)
         return freed

@@ -14,9 +14,11 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import BinaryIO
 
+from ..cpu import configure_threads
 from ..engine import Engine, GenerationRequest
 from ..errors import AdapterExistsError, InvalidMergeError, ServiceError
 from ..failpoints import failpoint
+from ..memory import configure_allocator
 from ..merging import MergeSpec, merge
 from ..merging.adapter_files import write_peft_adapter
 from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
@@ -58,6 +60,8 @@ class LocalAdapterService:
     @classmethod
     def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> LocalAdapterService:
         """Load the model, open (and recover) the store, restore its adapters; the engine is not started."""
+        configure_allocator()  # before the model's tensors: freed adapters' memory goes back to the OS
+        configure_threads()
         base = load_base_model(settings)
         runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank, model_name=base.name)
         engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=settings.max_batch_size,

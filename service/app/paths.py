@@ -21,6 +21,13 @@ def _inside(path: Path, roots: list[Path]) -> bool:
 
 def adapter_directory(raw: str, allowed_roots: list[Path]) -> Path:
     """The adapter directory `raw`, if it and each adapter file in it resolve (symlinks followed) under a root."""
+    try:
+        return _adapter_directory(raw, allowed_roots)
+    except OSError as exc:  # a component over NAME_MAX, a path over PATH_MAX, an unreadable directory, ...
+        raise InvalidPathError(f"{echo(raw)} is not a usable path: {exc.strerror or type(exc).__name__}") from None
+
+
+def _adapter_directory(raw: str, allowed_roots: list[Path]) -> Path:
     roots = [root.resolve() for root in allowed_roots]
     if not roots:
         raise PathLoadingDisabledError(

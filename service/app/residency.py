@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from ..engine import Engine
+from ..memory import release_free_memory
 from ..metrics import ServiceMetrics
 from ..runtime import LoadedAdapter
 from .registry import AdapterRecord, AdapterRegistry
@@ -153,6 +154,7 @@ class Residency:
                 await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
                 victim.usage.evictions = (victim.usage.evictions or 0) + 1
                 self.metrics.adapter_evictions.inc()
+                await asyncio.to_thread(release_free_memory)
                 log.info("evicted adapter %s (least recently used)", victim.id)
             self._slots_reserved += 1
 

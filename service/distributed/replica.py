@@ -24,9 +24,11 @@ from ray import serve
 
 from ..app.admission import Admission
 from ..app.interface import GenerationInput
+from ..cpu import configure_threads
 from ..engine import Engine, GenerationRequest, GenerationResult
 from ..errors import AdapterNotFoundError, ServiceError
 from ..failpoints import failpoint
+from ..memory import configure_allocator
 from ..merging import MergeSpec, merge
 from ..merging.adapter_files import write_peft_adapter
 from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
@@ -65,6 +67,8 @@ class AdapterReplica:
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
+        configure_allocator()  # before the model's tensors: freed adapters' memory goes back to the OS
+        configure_threads()  # Ray sets OMP_NUM_THREADS from num_cpus; respected
         self.base = load_base_model(self.settings)
         runtime = AdapterRuntime(self.base.model, max_rank=self.settings.max_adapter_rank,
                                  model_name=self.base.name)

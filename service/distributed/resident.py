@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from ..engine import Engine
 from ..errors import AdapterNotFoundError
+from ..memory import release_free_memory
 from ..runtime import LoadedAdapter
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class ResidentAdapters:
             return 0
         del self.records[name]
         freed = await self.engine.call(lambda rt: rt.delete(name))
+        await asyncio.to_thread(release_free_memory)  # give its pages back to the OS
         log.info("adapter %s freed (%d bytes)", name, freed)
         return freed
 

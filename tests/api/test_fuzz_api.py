@@ -94,18 +94,45 @@ def steer(case, name: str, lora_root: Path, path_kind: int) -> None:
             body[key] = 1 + body[key] % 4
 
 
+# Strings a JSON body may hold that broke the server before (issue 15.7): lone surrogates (valid JSON, not
+# encodable), NUL, a path component over NAME_MAX, huge text, non-string text parts.
+EDGE_STRINGS = ["\ud800", "a\udfffb", "\x00", "x" * 300, "é" * 20_000, "", " ", "\u202e\ufeff", "../../etc"]
+
+
+def poison(case, edge: str, lora_root: Path) -> None:
+    """Put an edge-case string into every string field of a JSON body (and its messages and stop lists)."""
+    body = case.body
+    if not isinstance(body, dict) or "json" not in (case.media_type or ""):
+        return
+    for key, value in list(body.items()):
+        if isinstance(value, str):
+            body[key] = str(lora_root / edge) if key == "lora_path" and len(edge) < 400 else edge
+        elif key == "stop" and isinstance(value, list):
+            body[key] = [edge]
+        elif key == "prompt" and isinstance(value, list):
+            body[key] = [edge, "ok"]
+    for message in body.get("messages") or []:
+        if isinstance(message, dict):
+            message["content"] = edge if len(edge) % 2 else [{"type": "text", "text": edge},
+                                                             {"type": "text", "text": len(edge)}]
+
+
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[op.label for op in OPERATIONS])
 def test_no_operation_answers_a_server_error(operation, fuzz_server, fuzz_adapters):
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
     # None: send the case as generated; else steer it at an adapter name ("base" is the base model).
     steering = st.sampled_from([None, *FUZZ_ADAPTERS, "base"])
 
+    edges = st.one_of(st.none(), st.sampled_from(EDGE_STRINGS))
+
     @settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(case=cases, name=steering, path_kind=st.integers(0, 2))
-    def run(case, name, path_kind):
+    @given(case=cases, name=steering, path_kind=st.integers(0, 2), edge=edges)
+    def run(case, name, path_kind, edge):
         if name is not None:
             steer(case, name, fuzz_server.lora_root, path_kind)
+        if edge is not None:
+            poison(case, edge, fuzz_server.lora_root)
         case.call_and_validate(base_url=fuzz_server.url, checks=[not_a_server_error], timeout=60)
 
     run()

@@ -1,0 +1,73 @@
+"""CPU threads: as many as the CPUs this process may really use, and idle threads that sleep.
+
+torch sizes its intra-op pool from the machine's core count, which ignores a container's CPU quota, and its
+OpenMP workers spin while they wait for each other. When a neighbour takes a core (or a quota throttles the
+process), a spinning worker burns the time slice its partner needs: measured on 2 cores with a CPU hog beside
+the server, throughput fell about 14x (bench/cpu_contention.py, bench/results.md). So:
+
+- `passive_wait_policy()` sets `OMP_WAIT_POLICY=PASSIVE` (OpenMP reads it once, when torch loads: it runs
+  when the `service` package is imported, before torch) unless the user set it;
+- `configure_threads()` sets torch's thread count to the CPUs available: the affinity mask
+  (`os.sched_getaffinity`), capped by the cgroup's quota (`cpu.max` in cgroup v2, `cpu.cfs_quota_us` in v1),
+  unless the user set `OMP_NUM_THREADS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def passive_wait_policy() -> None:
+    """Idle OpenMP workers sleep instead of spinning (call before torch is imported)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the cgroup quota allows (None: no quota or no cgroup file)."""
+    try:
+        quota, _, period = (root / "cpu.max").read_text().split()[:2] + [""]  # v2: "max 100000" or "200000 100000"
+        if quota != "max":
+            return int(quota) / int(period or 100000)
+    except (OSError, ValueError):
+        pass
+    try:  # v1
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may run on: its affinity mask, capped by the cgroup quota (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(root)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(cpus, 1)
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op threads to the available CPUs (unless OMP_NUM_THREADS says otherwise)."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = available_cpus()
+    if torch.get_num_threads() != cpus:
+        torch.set_num_threads(cpus)
+    log.info("torch uses %d thread(s) (CPUs available: affinity and cgroup quota); OMP_WAIT_POLICY=%s",
+             cpus, os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return cpus

@@ -1,0 +1,98 @@
+"""A full disk is a 507 with a clear message and leaves nothing behind; a download's zip is removed however
+its sending ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from service.api.routes_adapters import TemporaryFileResponse
+
+from .conftest import upload
+from .server import ServerProcess
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (needs root and mount; skipped where the test cannot mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill the disk up to `leave` free bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        while True:
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            if free <= leave:
+                break
+            try:
+                f.write(b"\0" * min(free - leave, 65536))
+                f.flush()
+            except OSError:
+                break
+    return filler
+
+
+def _emptied(directory: Path, attempts: int = 50) -> bool:
+    for _ in range(attempts):
+        if not any(directory.iterdir()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_full_disk_is_507_and_leaves_nothing(model_dir, adapters, small_disk) -> None:
+    store = small_disk / "store"
+    server = ServerProcess(model_dir, store)
+    try:
+        c = server.client
+        assert upload(c, adapters["alpha"], "alpha").status_code == 201
+        filler = _fill(small_disk, leave=8192)
+        r = upload(c, adapters["beta"], "beta")
+        assert r.status_code == 507, r.text
+        assert r.json()["error"]["code"] == "insufficient_storage" and "disk" in r.json()["error"]["message"]
+        r = c.get("/adapters/alpha/download")
+        assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+        assert list((store / ".staging").iterdir()) == [], "a failed upload or download left files behind"
+        assert c.get("/adapters/beta").status_code == 404
+        filler.unlink()
+        r = c.get("/adapters/alpha/download")
+        assert r.status_code == 200 and r.content[:2] == b"PK"
+        assert _emptied(store / ".staging"), "the sent zip stayed"  # removed just after the last byte went
+        assert upload(c, adapters["beta"], "beta").status_code == 201
+        assert {a["id"] for a in c.get("/adapters").json()["adapters"]} == {"alpha", "beta"}
+    finally:
+        server.stop()
+
+
+def test_download_zip_is_removed_when_the_client_leaves(tmp_path) -> None:
+    """The send fails after the first chunk (the client hung up): the zip is removed all the same."""
+    path = tmp_path / "download-x.zip"
+    path.write_bytes(b"\0" * (1024 * 1024))
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client says nothing more
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            raise OSError("client disconnected")
+
+    scope = {"type": "http", "method": "GET", "headers": [], "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(OSError):
+        asyncio.run(TemporaryFileResponse(path, media_type="application/zip")(scope, receive, send))
+    assert not path.exists()
