@@ -38,7 +38,7 @@ def other_than_default(field: str) -> str | None:
     annotation = info.annotation
     if field in SPECIAL_VALUES:
         return SPECIAL_VALUES[field]
-    if annotation is bool:
+    if annotation is bool or annotation == (bool | None):  # switches (bool | None: unset means "decide")
         return None
     if get_origin(annotation) is Literal:
         return next(str(c) for c in get_args(annotation) if c != default)
