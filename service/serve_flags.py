@@ -21,7 +21,8 @@ from .settings import ENV_PREFIX, MiB, Settings, env_names
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "request_timeout_s", "max_resident_adapters",
                "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
-               "max_prompts_per_request", "max_chat_messages", "public_health_details", "demo_cache", "lora_roots", "adapters", "log_json", "api_keys_file", "create_api_key", "log_level")
+               "max_prompts_per_request", "max_chat_messages", "public_health_details", "demo_cache", "lora_roots",
+               "adapters", "log_json", "api_keys_file", "create_api_key", "log_level")
 RAY_FLAGS = ("ray_address", "num_replicas", "max_adapters_per_replica", "replica_num_cpus", "replica_num_gpus",
              "replica_lease_s", "replica_retries")
 FLAG_NAMES = {"lora_roots": "lora-root", "adapters": "adapter"}  # repeatable: one value per flag
