@@ -150,7 +150,7 @@ def test_page_lists_uploads_activates_deletes(keyed_server, browser, adapters) -
 
     _click_confirmed(driver, '#adapters tr[data-id="alpha"] button.activate')
     _message(driver, "Activated alpha")
-    assert c.get("/health").json()["active_adapter"] == "alpha"
+    assert c.get("/health", headers=_as(ADMIN)).json()["active_adapter"] == "alpha"
 
     _click_confirmed(driver, '#adapters tr[data-id="beta"] button.delete')
     _message(driver, "Deleted beta")
