@@ -187,7 +187,7 @@ def test_non_streaming_clients_that_leave_free_their_rows(model_dir, tmp_path) -
         assert _poll(server, lambda h: h["requests_running"] == rows), "the generations never all ran"
         for sock in socks:
             sock.close()
-        assert _poll(server, lambda h: h["requests_running"] == 0 and h["requests_waiting"] == 0), \
+        assert _poll(server, lambda h: h["requests_running"] == 0 and h["requests_waiting"] == 0, attempts=600), \
             (server.client.get("/health").json(), server.log[-3000:])
         assert server.client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     finally:
