@@ -53,8 +53,11 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v, self._n = keys, values, length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if not getattr(self, "is_initialized", self._k is not None):  # the flag exists from transformers 4.57
+            try:
+                self.lazy_initialization(key_states, value_states)
+            except TypeError:  # transformers 4.56: lazy_initialization(key_states)
+                self.lazy_initialization(key_states)
         new = key_states.shape[-2]
         k, v, n = self._k, self._v, self._n
         if k is None or k.dim() != 4 or n + new > k.shape[-2] or k.shape[0] != key_states.shape[0]:
