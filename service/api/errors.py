@@ -98,7 +98,9 @@ def capped(value: Any, limit: int = MAX_ECHO_CHARS) -> Any:
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": _cut(message, MAX_MESSAGE_CHARS), "details": capped(details or {})}}
+    # Detail strings (e.g. a load report's problem lines, which may quote a pattern) get the message's room.
+    return {"error": {"code": code, "message": _cut(message, MAX_MESSAGE_CHARS),
+                      "details": capped(details or {}, MAX_MESSAGE_CHARS)}}
 
 
 class ErrorJSONResponse(JSONResponse):
