@@ -241,8 +241,10 @@ class LocalAdapterService:
     async def generate(self, request: GenerationInput) -> Generation:
         adapter_id = self._resolve(request.adapter)
         ids = await self.admission.tokenize(request)
-        events = await self.admission.start(GenerationRequest(ids, adapter_id, request.params))
+        # Looked up before the row starts: once started, nothing here may raise (the events would never be
+        # closed: the row would run on, uncancelled, and its lease would never end).
         usage = self.registry.get(adapter_id).usage if adapter_id is not None else None
+        events = await self.admission.start(GenerationRequest(ids, adapter_id, request.params))
         generation = Generation(adapter_id, events)
         generation.events = MeteredEvents(events, adapter_id or BASE, self.metrics, usage, generation.tokens,
                                           prompt_tokens=len(ids))
