@@ -116,13 +116,7 @@ class LocalAdapterService:
     # ---- changes -----------------------------------------------------------------------------------------
 
     async def upload(self, files: list[tuple[str, BinaryIO]], adapter_id: str | None) -> AdapterView:
-        adapter_id = self.registry.reserve(adapter_id)
-        try:
-            record = await self.lifecycle.create(
-                adapter_id, lambda: self.store.stage_files(files, self.settings.max_upload_bytes))
-        finally:
-            self.registry.release(adapter_id)
-        return self._view(record)
+        return await self._create(adapter_id, lambda: self.store.stage_files(files, self.settings.max_upload_bytes))
 
     async def load_from_source(self, adapter_id: str | None, source: str, replace: bool = False) -> AdapterView:
         def stage() -> StagedAdapter:
