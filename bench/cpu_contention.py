@@ -1,11 +1,13 @@
 """Throughput with a CPU hog beside the server, on the same cores (a noisy neighbour, or a CPU quota).
 
-    python -m bench.cpu_contention [--repo DIR] [--env KEY=VALUE ...] [--clients 8] [--requests 3]
+    python -m bench.cpu_contention [--repo DIR] [--env KEY=VALUE ...] [--clients 8] [--requests 3] [--cpu-quota N]
 
 Starts the server the default way on the 58M benchmark model, runs `clients` concurrent clients that each send
 `requests` greedy /generate requests of 32 new tokens to the base model, first alone, then with one busy-loop
 process per available CPU running beside it. Prints generated tokens/s both ways and their ratio. `--repo`
-runs another checkout's server (to compare with an older version); `--env` adds server environment variables.
+runs another checkout's server (to compare with an older version); `--env` adds server environment variables;
+`--cpu-quota N` runs the server in a new cgroup (v1 cpu controller, needs root) whose quota is N CPUs, as a
+container started with `--cpus N` (the hogs then run outside it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,11 +29,30 @@ from .model import ensure_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 NEW_TOKENS = 32
+CPU_CONTROLLER = Path("/sys/fs/cgroup/cpu")
 
 
 def _spin() -> None:
     while True:
         pass
+
+
+@contextmanager
+def _quota_wrapper(cpus: float | None) -> Iterator[list[str]]:
+    """A command prefix that runs its command in a fresh cgroup limited to `cpus` CPUs (none: no prefix)."""
+    if cpus is None:
+        yield []
+        return
+    group = CPU_CONTROLLER / f"bench-cpu-contention-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
+        yield ["sh", "-c", f'echo $$ > {group}/tasks && exec "$@"', "sh"]
+    finally:
+        for pid in (group / "tasks").read_text().split():  # the server has exited by now; move any straggler
+            (CPU_CONTROLLER / "tasks").write_text(pid)
+        group.rmdir()
 
 
 def _load(url: str, clients: int, requests: int) -> float:
@@ -58,11 +81,12 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--cpu-quota", type=float, default=None, help="run the server in a cgroup of N CPUs")
     args = parser.parse_args()
     model_dir = ensure_model(args.cache_dir)
     env = dict(item.split("=", 1) for item in args.env)
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(args.repo.resolve(), model_dir, Path(tmp) / "store", env)
+    with tempfile.TemporaryDirectory() as tmp, _quota_wrapper(args.cpu_quota) as wrapper:
+        proc, url = start_server(args.repo.resolve(), model_dir, Path(tmp) / "store", env, wrapper)
         try:
             _load(url, args.clients, 1)  # warm-up
             alone = _load(url, args.clients, args.requests)
@@ -78,7 +102,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    print(f"repo {args.repo}, env {env or 'default'}: alone {alone:.0f} tok/s, with {len(hogs)} CPU hog(s) "  # noqa: T201
+    quota = f", cgroup quota {args.cpu_quota} CPU" if args.cpu_quota else ""
+    print(f"repo {args.repo}, env {env or 'default'}{quota}: alone {alone:.0f} tok/s, with {len(hogs)} CPU hog(s) "  # noqa: T201
           f"{contended:.0f} tok/s ({alone / contended:.1f}x slower)")
 
 

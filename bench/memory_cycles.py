@@ -55,9 +55,12 @@ def vm_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_server(repo: Path, model_dir: Path, store: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--store",
-                             str(store), "--port", "0"], cwd=repo, env={**os.environ, **env},
+def start_server(repo: Path, model_dir: Path, store: Path, env: dict[str, str],
+                 wrapper: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """Start `serve` on a free port (`wrapper`: a command prefix it runs under); returns it and its URL."""
+    command = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--store", str(store),
+               "--port", "0"]
+    proc = subprocess.Popen([*wrapper, *command], cwd=repo, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
