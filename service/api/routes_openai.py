@@ -47,6 +47,7 @@ def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, lo
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens,
         stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs,
+        json_schema=body.response_format.schema_text() if body.response_format is not None else None,
     )
 
 

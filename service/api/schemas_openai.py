@@ -8,6 +8,7 @@ every field and what happens to it.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -33,17 +34,36 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with `usage` and no choices
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=1024)  # for the model in OpenAI's API; not used here
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the output always matches the schema here (as strict=true)
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        return _refuse_unless(value, ("text",), f"response_format type '{value}' is not supported: this server has "
-                              "no constrained (JSON) decoding; only 'text'")
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is required with type 'json_schema' and only then")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON text of the schema the output must match (None: free text)."""
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        if self.json_schema is not None:
+            return json.dumps(self.json_schema.schema_)  # property order kept: the output follows it
+        return None
 
 
 class _Sampling(BaseModel):
@@ -93,6 +113,13 @@ class _Sampling(BaseModel):
     def _stream_options_need_stream(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @model_validator(mode="after")
+    def _json_output_ends(self) -> _Sampling:
+        if self.ignore_eos and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("ignore_eos cannot be combined with a JSON response_format (the output ends where "
+                             "the JSON does)")
         return self
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:

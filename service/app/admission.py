@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, Protocol
 
 from ..engine import Engine, GenerationRequest, GenerationResult, QueueFullError, RequestHandle
+from ..engine.grammar import Grammar, GrammarError, Grammars
 from ..errors import GenerationTimeoutError, InvalidRequestError, OverloadedError, RequestLimitError
 from ..settings import Settings
 from .interface import GenerationEvent, GenerationInput
@@ -26,6 +27,9 @@ DEFAULT_CHAT_TEMPLATE = (
 # the most bytes one token can stand for: the longest vocabulary entry, and never less than this floor (a
 # tokenizer without byte fallback may turn a run of unknown characters into one token).
 MIN_BYTES_PER_TOKEN = 16
+# A response_format schema whose grammar is not compiled by then is refused (the compile goes on in the grammar
+# thread and is cached: the same schema may be sent again).
+GRAMMAR_COMPILE_TIMEOUT_S = 20.0
 
 
 def bytes_per_token(tokenizer: Any) -> int:
@@ -75,6 +79,7 @@ class Admission:
         self.settings = settings
         self.vocab_size = engine.model.config.get_text_config().vocab_size  # an adapter may wrap the embedding
         self.max_prompt_bytes = settings.max_prompt_tokens * bytes_per_token(engine.tokenizer)
+        self.grammars = Grammars(engine.tokenizer, self.vocab_size)  # the logits' width
 
     async def tokenize(self, request: GenerationInput) -> list[int]:
         """Token ids, off the event loop; a text too large to fit max_prompt_tokens is refused first, by bytes."""
@@ -112,6 +117,8 @@ class Admission:
         """Token events then the result. Admission errors raise here, before any event; the row and the
         adapter's lease are released when the returned iterator is closed."""
         self.check(request)
+        if request.params.json_schema is not None and request.grammar is None:
+            request.grammar = await self.grammar(request.params.json_schema)
         stack = AsyncExitStack()
         try:
             await stack.enter_async_context(self.leases.lease(request.adapter_id))
@@ -124,6 +131,17 @@ class Admission:
             await stack.aclose()
             raise
         return self._events(handle, stack)
+
+    async def grammar(self, schema_text: str) -> Grammar:
+        """The compiled grammar of a response_format schema (422 naming response_format when unusable)."""
+        future = self.grammars.submit(schema_text)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), GRAMMAR_COMPILE_TIMEOUT_S)
+        except GrammarError as exc:
+            raise InvalidRequestError(f"response_format: {exc}") from None
+        except TimeoutError:
+            raise InvalidRequestError(f"response_format: the schema's grammar did not compile within "
+                                      f"{GRAMMAR_COMPILE_TIMEOUT_S:.0f} s; simplify it") from None
 
     async def _events(self, handle: RequestHandle, stack: AsyncExitStack) -> AsyncIterator[GenerationEvent]:
         timeout = self.settings.request_timeout_s

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 # Scores are divided by the temperature in float32; a smaller temperature would round to 0 there (0/0 = NaN),
 # and sampling at it is the greedy limit anyway.
@@ -33,6 +37,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the row (and stop strings are not checked) before
     stop_token_ids: tuple[int, ...] = ()  # generating one ends the row like EOS (the token is not in the output)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely alternatives
+    # JSON text of a JSON schema the output must match (OpenAI's response_format; engine/grammar.py): compiled at
+    # admission into `GenerationRequest.grammar`; only tokens that keep the output a prefix of a match are chosen.
+    json_schema: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -42,7 +49,7 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Whether the scores are changed before the choice (else the model's scores are used as they are)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.json_schema is not None)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     adapter_id: str | None  # resolved: an adapter id, or None for the base model
     params: SamplingParams = field(default_factory=SamplingParams)
+    grammar: Grammar | None = None  # params.json_schema compiled (set at admission)
 
 
 @dataclass(frozen=True)

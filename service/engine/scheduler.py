@@ -174,6 +174,10 @@ class ContinuousBatcher:
                 s.counts = TokenCounts(params, s.request.prompt_ids, scores.shape[-1], scores.device)
             end_ids = [*(() if params.ignore_eos else sorted(self.eos)), *params.stop_token_ids]
             process(scores[i], params, s.counts, end_ids)
+            if s.request.grammar is not None:  # last: only what the grammar allows may be chosen
+                if s.grammar is None:
+                    s.grammar = s.request.grammar.start()
+                scores[i].masked_fill_(~s.grammar.allowed().to(scores.device), float("-inf"))
         return scores
 
     def _drop_finished(self) -> None:

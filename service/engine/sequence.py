@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import GrammarState
 from .requests import GenerationRequest, GenerationResult, TokenLogprob
 from .sampling import TokenCounts
 
@@ -39,6 +40,7 @@ class Sequence:
     cancelled: bool = False  # set from the caller's thread; the engine drops the row at its next step
     counts: TokenCounts | None = None  # what the penalties need (rows that process their scores)
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
+    grammar: GrammarState | None = None  # where the output stands in its request's grammar (if it has one)
 
     def add_token(self, token: int, eos: set[int], decode: Callable[[list[int]], str],
                   logprob: TokenLogprob | None = None) -> None:
@@ -48,6 +50,8 @@ class Sequence:
             self.finish_reason = "stop"  # the end token is not part of the output (as vLLM)
             return
         self.tokens.append(token)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if logprob is not None:
             self.logprobs = self.logprobs if self.logprobs is not None else []
             self.logprobs.append(logprob)
@@ -62,7 +66,9 @@ class Sequence:
                 self.finish_reason = "stop"
                 break
         else:
-            if len(self.tokens) >= params.max_new_tokens:
+            if self.grammar is not None and self.grammar.finished:  # a complete match: nothing may follow
+                self.finish_reason = "stop"
+            elif len(self.tokens) >= params.max_new_tokens:
                 self.finish_reason = "length"
         self.emit(TokenEvent(token, self._final_text_delta(), logprob))
 

@@ -101,7 +101,12 @@ def test_penalties_bias_and_stop_tokens(client, oracle, tokenizer) -> None:
     ("completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
     ("completions", {"logit_bias": {"999999": 1}}, "logit_bias"),
     ("completions", {"use_beam_search": True}, "use_beam_search"),
-    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "no-such-type"}}}}, "response_format"),
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {},
+                                                                                      "frob": 1}}}, "frob"),
+    ("completions", {"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
@@ -118,6 +123,32 @@ def test_unsupported_fields_are_refused_by_name(server, endpoint, body, field) -
     r = server.client.post(f"/v1/{endpoint}", json={**base, **body})
     assert r.status_code == 422, r.text
     assert field in r.json()["error"]["message"], r.json()
+
+
+def test_response_format_json_schema_and_json_object(client, tokenizer) -> None:
+    """The output is JSON matching the schema, properties in the schema's order, streamed or not; json_object
+    gives a JSON object (both end with "stop" once the JSON is complete)."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["x", "yz"]}},
+              "required": ["ok", "tag"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "answer in JSON"}]
+    for adapter in ("beta", "base"):
+        chat = client.chat.completions.create(model=adapter, messages=messages, max_tokens=60, temperature=0,
+                                              response_format=response_format)
+        content = chat.choices[0].message.content
+        assert chat.choices[0].finish_reason == "stop", content
+        value = json.loads(content)
+        assert list(value) == ["ok", "tag"] and isinstance(value["ok"], bool) and value["tag"] in ("x", "yz")
+        chunks = list(client.chat.completions.create(model=adapter, messages=messages, max_tokens=60, temperature=0,
+                                                     response_format=response_format, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    done = client.completions.create(model="beta", prompt=PROMPT, max_tokens=200, temperature=0,
+                                     extra_body={"response_format": {"type": "json_object"}})
+    text = done.choices[0].text
+    assert text.startswith("{")
+    if done.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
 
 
 def test_metadata_fields_are_accepted(client) -> None:
