@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from ..engine import Engine, GenerationRequest, GenerationResult, QueueFullError, RequestHandle
 from ..engine.grammar import Grammar, GrammarError, Grammars
-from ..errors import GenerationTimeoutError, InvalidRequestError, OverloadedError, RequestLimitError
+from ..errors import GenerationTimeoutError, InvalidRequestError, OverloadedError, RequestLimitError, coded
 from ..settings import Settings
 from .interface import GenerationEvent, GenerationInput
 
@@ -27,9 +27,9 @@ DEFAULT_CHAT_TEMPLATE = (
 # the most bytes one token can stand for: the longest vocabulary entry, and never less than this floor (a
 # tokenizer without byte fallback may turn a run of unknown characters into one token).
 MIN_BYTES_PER_TOKEN = 16
-# A response_format schema whose grammar is not compiled by then is refused (the compile goes on in the grammar
-# thread and is cached: the same schema may be sent again).
-GRAMMAR_COMPILE_TIMEOUT_S = 20.0
+# How long a request waits for its response_format grammar, queue included (one compile runs at a time, each
+# bounded by grammar.COMPILE_TIMEOUT_S); a queued compile is dropped when its request gives up.
+GRAMMAR_WAIT_S = 30.0
 
 
 def bytes_per_token(tokenizer: Any) -> int:
@@ -136,12 +136,12 @@ class Admission:
         """The compiled grammar of a response_format schema (422 naming response_format when unusable)."""
         future = self.grammars.submit(schema_text)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), GRAMMAR_COMPILE_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.wrap_future(future), GRAMMAR_WAIT_S)
         except GrammarError as exc:
             raise InvalidRequestError(f"response_format: {exc}") from None
         except TimeoutError:
-            raise InvalidRequestError(f"response_format: the schema's grammar did not compile within "
-                                      f"{GRAMMAR_COMPILE_TIMEOUT_S:.0f} s; simplify it") from None
+            raise coded("overloaded", f"response_format: other schemas are compiling; no grammar within "
+                        f"{GRAMMAR_WAIT_S:.0f} s; retry later", {"waiting": 0}) from None
 
     async def _events(self, handle: RequestHandle, stack: AsyncExitStack) -> AsyncIterator[GenerationEvent]:
         timeout = self.settings.request_timeout_s

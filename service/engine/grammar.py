@@ -15,6 +15,9 @@ automaton too large to build in time.
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -24,6 +27,17 @@ import torch
 WHITESPACE = r"[ ]?"
 MAX_SCHEMA_BYTES = 32 * 1024  # a schema's JSON text; larger ones are refused before any work
 CACHED_GRAMMARS = 64  # compiled schemas kept (least recently used dropped)
+# A small schema can make an automaton that takes minutes and gigabytes to build (nested arrays of objects), and
+# the library cannot be interrupted: each index is built in a child process, killed past these bounds.
+COMPILE_TIMEOUT_S = 20.0
+COMPILE_MEMORY_BYTES = 4 * 2**30
+_CHILD = """
+import pickle, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+from outlines_core import Index
+regex, vocabulary = pickle.load(sys.stdin.buffer)
+sys.stdout.buffer.write(pickle.dumps(Index(regex, vocabulary)))
+"""
 
 _STRING = r'"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt])*"'
 _NUMBER = r"(-)?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"
@@ -149,7 +163,7 @@ class Grammars:
         return grammar
 
     def _index(self, schema_text: str) -> Any:
-        from outlines_core import Index, Vocabulary
+        from outlines_core import Vocabulary
         from outlines_core.json_schema import build_regex_from_schema
 
         if len(schema_text.encode()) > MAX_SCHEMA_BYTES:
@@ -168,7 +182,20 @@ class Grammars:
                 if token_id != eos and data:
                     by_bytes.setdefault(data, []).append(token_id)
             self._vocabulary = Vocabulary(eos, by_bytes)
-        try:
-            return Index(regex, self._vocabulary)
-        except Exception as exc:
-            raise GrammarError(f"the schema cannot be compiled for this model's vocabulary: {exc}") from None
+        return _index_in_child(regex, self._vocabulary)
+
+
+def _index_in_child(regex: str, vocabulary: Any) -> Any:
+    """outlines' Index of `regex`, built in a child process bounded by COMPILE_TIMEOUT_S and COMPILE_MEMORY_BYTES."""
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(COMPILE_MEMORY_BYTES)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = child.communicate(pickle.dumps((regex, vocabulary)), timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise GrammarError(f"its grammar did not compile within {COMPILE_TIMEOUT_S:.0f} s; simplify it") from None
+    if child.returncode != 0:
+        last = (err.decode(errors="replace").strip().splitlines() or ["out of memory"])[-1]
+        raise GrammarError(f"the schema cannot be compiled for this model's vocabulary: {last[:300]}")
+    return pickle.loads(out)

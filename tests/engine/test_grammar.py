@@ -111,3 +111,15 @@ def test_unusable_schemas_are_refused(grammars):
         grammars.submit(json.dumps({"type": "no-such-type"})).result()
     with pytest.raises(GrammarError, match="bytes"):
         grammars.submit(json.dumps({"type": "object", "description": "x" * 40000})).result()
+
+
+def test_a_schema_whose_grammar_explodes_is_refused_in_bounded_time(grammars, monkeypatch):
+    """Nested arrays of objects: a tiny schema whose automaton takes minutes to build. The child process that
+    builds it is killed at the bound, and the next schema compiles at once."""
+    import service.engine.grammar as grammar_module
+
+    monkeypatch.setattr(grammar_module, "COMPILE_TIMEOUT_S", 2.0)
+    nested = {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "object"}}}}
+    with pytest.raises(GrammarError, match="did not compile within 2 s"):
+        grammars.submit(json.dumps(nested)).result()
+    assert grammars.submit(json.dumps({"enum": ["a", "b"]})).result() is not None
