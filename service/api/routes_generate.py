@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -39,6 +40,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     params = SamplingParams(
         max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
+        json_schema=json.dumps(body.json_schema) if body.json_schema is not None else None,
     )
     generation = await service.generate(GenerationInput(params, adapter=body.adapter_id, prompt=body.prompt))
     count_tokens(request, generation)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # Per-field limits that hold on every endpoint (the token and byte limits are settings: service/settings.py).
 MAX_STOP_STRINGS = 16
@@ -41,6 +41,15 @@ class GenerateRequest(BaseModel):
     stop: Stop = Field(default_factory=list)
     stream: bool = False
     ignore_eos: bool = Field(default=False, description="keep generating past the end-of-sequence token")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="a JSON schema the output must match (constrained decoding, as the OpenAI "
+                                  "endpoints' response_format); the generation ends when the JSON is complete")
+
+    @model_validator(mode="after")
+    def _json_output_ends(self) -> GenerateRequest:
+        if self.ignore_eos and self.json_schema is not None:
+            raise ValueError("ignore_eos cannot be combined with json_schema (the output ends where the JSON does)")
+        return self
 
 
 class Usage(BaseModel):

@@ -125,7 +125,7 @@ def test_unsupported_fields_are_refused_by_name(server, endpoint, body, field) -
     assert field in r.json()["error"]["message"], r.json()
 
 
-def test_response_format_json_schema_and_json_object(client, tokenizer) -> None:
+def test_response_format_json_schema_and_json_object(client, server) -> None:
     """The output is JSON matching the schema, properties in the schema's order, streamed or not; json_object
     gives a JSON object (both end with "stop" once the JSON is complete)."""
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["x", "yz"]}},
@@ -143,6 +143,9 @@ def test_response_format_json_schema_and_json_object(client, tokenizer) -> None:
                                                      response_format=response_format, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
         assert chunks[-1].choices[0].finish_reason == "stop"
+    native = server.client.post("/generate", json={
+        "prompt": "answer in JSON", "adapter_id": "beta", "max_new_tokens": 60, "json_schema": schema}).json()
+    assert native["finish_reason"] == "stop" and list(json.loads(native["text"])) == ["ok", "tag"], native
     done = client.completions.create(model="beta", prompt=PROMPT, max_tokens=200, temperature=0,
                                      extra_body={"response_format": {"type": "json_object"}})
     text = done.choices[0].text
