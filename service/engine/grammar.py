@@ -7,9 +7,10 @@ tokens it does not allow are masked out; once the output is a complete match and
 ends with finish reason "stop" (no end token is sampled).
 
 Whitespace between JSON tokens is at most one space (an unbounded whitespace pattern lets a model loop on
-blanks until max_tokens). A plain `{"type": "object"}` (and `json_object`) is any JSON object whose values are
-strings, numbers, booleans, null, or flat arrays/objects of those: the unbounded nesting of full JSON makes an
-automaton too large to build in time.
+blanks until max_tokens). A generic container (`json_object`, `{"type": "object"}` without properties, an array
+without items, `{}`) holds values at most two levels deep: strings, numbers, booleans, null, or flat
+arrays/objects of those (`bounded`); the unbounded nesting of full JSON makes an automaton too large to build in
+time.
 """
 
 from __future__ import annotations
@@ -39,22 +40,44 @@ regex, vocabulary = pickle.load(sys.stdin.buffer)
 sys.stdout.buffer.write(pickle.dumps(Index(regex, vocabulary)))
 """
 
-_STRING = r'"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt])*"'
-_NUMBER = r"(-)?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"
-_SCALAR = rf"({_STRING}|{_NUMBER}|true|false|null)"
+# JSON values two levels deep: what a generic container (an object without properties, an array without items,
+# `{}`) holds. outlines-core expands a generic container into every JSON value a few levels deep, an automaton
+# that takes 10-20 s to build even for a 259-token vocabulary.
+_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+_FLAT: dict[str, Any] = {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR},
+                                   {"type": "object", "additionalProperties": _SCALAR}]}
+_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "examples", "default"}
 
 
-def _object_of(value: str) -> str:
-    member = rf"{_STRING}{WHITESPACE}:{WHITESPACE}{value}"
-    return rf"\{{{WHITESPACE}({member}({WHITESPACE},{WHITESPACE}{member})*)?{WHITESPACE}\}}"
-
-
-def _array_of(value: str) -> str:
-    return rf"\[{WHITESPACE}({value}({WHITESPACE},{WHITESPACE}{value})*)?{WHITESPACE}\]"
-
-
-# Any JSON object two levels deep: values are scalars, or arrays/objects of scalars.
-ANY_OBJECT = _object_of(rf"({_SCALAR}|{_array_of(_SCALAR)}|{_object_of(_SCALAR)})")
+def bounded(schema: Any) -> Any:
+    """The schema with every generic container given values at most two levels deep (see _FLAT)."""
+    if not isinstance(schema, dict):
+        return schema
+    node = dict(schema)
+    for key in _SUBSCHEMA_KEYS:
+        if key in node:
+            node[key] = bounded(node[key])
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            node[key] = {name: bounded(sub) for name, sub in node[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            node[key] = [bounded(sub) for sub in node[key]]
+    if not set(node) - _ANNOTATIONS:  # {}: any JSON value
+        return {**node, "anyOf": [_SCALAR, {"type": "array", "items": _FLAT},
+                                  {"type": "object", "additionalProperties": _FLAT}]}
+    kind = node.get("type")
+    if isinstance(kind, list) and len(kind) > 1 and {"object", "array"} & set(kind):
+        rest = {k: v for k, v in node.items() if k != "type"}
+        return {"anyOf": [bounded({**rest, "type": t}) for t in kind]}
+    if kind == "object" and not {"properties", "additionalProperties", "patternProperties"} & set(node):
+        node["additionalProperties"] = _FLAT
+    if kind == "array" and not {"items", "prefixItems"} & set(node):
+        node["items"] = _FLAT
+    return node
 
 
 class GrammarError(ValueError):
@@ -168,13 +191,10 @@ class Grammars:
 
         if len(schema_text.encode()) > MAX_SCHEMA_BYTES:
             raise GrammarError(f"the schema is {len(schema_text.encode())} bytes; at most {MAX_SCHEMA_BYTES}")
-        if json.loads(schema_text) == {"type": "object"}:
-            regex = ANY_OBJECT
-        else:
-            try:
-                regex = build_regex_from_schema(schema_text, whitespace_pattern=WHITESPACE)
-            except Exception as exc:  # the library's own errors (unsupported keywords, bad references)
-                raise GrammarError(f"the schema cannot be used: {exc}") from None
+        try:
+            regex = build_regex_from_schema(json.dumps(bounded(json.loads(schema_text))), whitespace_pattern=WHITESPACE)
+        except Exception as exc:  # the library's own errors (unsupported keywords, bad references)
+            raise GrammarError(f"the schema cannot be used: {exc}") from None
         if self._vocabulary is None:
             eos = self.tokenizer.eos_token_id
             by_bytes: dict[bytes, list[int]] = {}
