@@ -34,6 +34,7 @@ PREFIX_FLAG = "--prefix-cache-mb"
 SYSTEM_PROMPT_TOKENS = 512  # with <s>: the byte-level tokenizer makes one token per ASCII character
 PREFIX_ADAPTERS = 8
 ZIPF_S = 1.0
+POOL_SIZE = 48
 
 
 def zipf_label(limit: int | None) -> str:
@@ -79,8 +80,9 @@ def _load(url: str, args: argparse.Namespace, adapter_of: Callable[[int], str], 
 
 
 def run_zipf(model_dir: Path, pool: list[tuple[str, Path]], args: argparse.Namespace,
-             limit: int | None) -> tuple[LoadResult, LoadResult]:
-    """(base, Zipf over `pool`) on one server holding at most `limit` adapters resident (None: all of them)."""
+             limit: int | None, probe: bool | None = None) -> tuple[LoadResult, LoadResult]:
+    """(base, Zipf over `pool`) on one server holding at most `limit` adapters resident (None: all of them).
+    `probe`: split TTFT by residency (two extra GETs per request); default: when there is a limit."""
     extra = ["--max-resident-adapters", str(limit or len(pool))]
     with serving(model_dir, args, extra) as (url, client):
         for name, path in pool:
@@ -91,7 +93,7 @@ def run_zipf(model_dir: Path, pool: list[tuple[str, Path]], args: argparse.Names
         base = _load(url, args, lambda _: BASE_ID)
         print(f"running: {zipf_label(limit)}", flush=True)
         pick = zipf_picker(ids, ZIPF_S, seed=0)
-        zipf = _load(url, args, lambda _: pick(), probe_residency=limit is not None)
+        zipf = _load(url, args, lambda _: pick(), probe_residency=limit is not None if probe is None else probe)
     return base, zipf
 
 

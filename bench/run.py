@@ -53,7 +53,7 @@ ADAPTER_OF: dict[str, Callable[[int], str]] = {
 }
 SCENARIOS = (*LABELS, *http_scenarios.SCENARIOS)
 WARMUP_CLIENTS = 2  # one warm-up request on adapter 0, one on adapter 1
-POOL_SIZE = 48
+POOL_SIZE = http_scenarios.POOL_SIZE
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
