@@ -115,6 +115,8 @@ def run_shared_prefix(model_dir: Path, adapters: list[tuple[str, Path]], args: a
                       report: BenchReport) -> None:
     """Shared-prefix load on the base model and on 8 adapters, prefix cache off then on (when supported)."""
     supported = serve_supports(PREFIX_FLAG)
+    report.header["shared-prefix prompts"] = (f"'System: ...' of {SYSTEM_PROMPT_TOKENS} tokens (with <s>), one per "
+                                              "adapter, + '\\nUser: <one of the 16-token prompts>\\nAssistant:'")
     report.notes.append(f"`{PREFIX_FLAG}`: " + ("supported by this checkout's server" if supported else
                         "**not supported by this checkout's server: the prefix cache was not measured** (only "
                         "the run without it)"))
