@@ -178,10 +178,11 @@ def render(curves: list[Curve], header: dict[str, str], png_name: str) -> str:
     lines += [f"- {key}: {value}" for key, value in header.items()]
     lines += ["", f"![throughput relative to the base model, three axes]({png_name})", ""]
     for curve in curves:
-        lines += [f"| {curve.x_label} | {curve.unit} | base model, same run | ratio |", "|---:|---:|---:|---:|"]
+        lines += [f"Throughput vs {curve.title}:", "",
+                  f"| {curve.x_label} | {curve.unit} | base model, same run | ratio |", "|---:|---:|---:|---:|"]
         lines += [f"| {x} | {t:.1f} | {b:.1f} | **{t / b:.3f}** |"
                   for x, t, b in zip(curve.x, curve.tps, curve.base_tps, strict=True)]
-        lines.append(f"\n{curve.title}\n")
+        lines.append("")
     return "\n".join(lines)
 
 
