@@ -167,10 +167,12 @@ def ratio_lines(report: BenchReport) -> list[str]:
         elif off is not None:
             lines.append(f"- shared 512-token prefix, {who}: prefix cache **not measured** (no `{PREFIX_FLAG}`); "
                          f"without it: p50 TTFT {_s(off.ttft(50))}, p99 {_s(off.ttft(99))}")
-    off, base = s.get(prefix_label(False, True)), s.get(prefix_label(False, False))
-    if off is not None and base is not None:
-        lines.append(f"- shared prefix, {PREFIX_ADAPTERS} adapters / base model (cache off): "
-                     f"**{off.tokens_per_s / base.tokens_per_s:.3f}** throughput")
+    for cache_on in (False, True):
+        with_adapters, base = s.get(prefix_label(cache_on, True)), s.get(prefix_label(cache_on, False))
+        if with_adapters is not None and base is not None:
+            state = "on" if cache_on else "off"
+            lines.append(f"- shared prefix, {PREFIX_ADAPTERS} adapters / base model (cache {state}): "
+                         f"**{with_adapters.tokens_per_s / base.tokens_per_s:.3f}** throughput")
     return lines
 
 
