@@ -7,7 +7,8 @@
 #   DEVICE=cpu QUICK=1 bash bench/gpu.sh   # the same path on CPU in bfloat16, tiny sizes (a dry run)
 #
 # Steps: `bench.run` (every HTTP scenario, each beside its base-model run), then `bench.curves` (distinct
-# adapters, rank, resident limit). Each step has its own time limit, so a stuck step cannot eat the budget.
+# adapters, rank, resident limit). Each step has its own time limit (280 s + 190 s, under 8 minutes in all),
+# so a slow or stuck step fails instead of overrunning the budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,8 +35,8 @@ fi
 
 started=$SECONDS
 mkdir -p "$OUT"
-timeout 330 "$PY" -m bench.run --device "$DEVICE" --dtype "$DTYPE" "${RUN_ARGS[@]}" --results "$RESULTS"
+timeout 280 "$PY" -m bench.run --device "$DEVICE" --dtype "$DTYPE" "${RUN_ARGS[@]}" --results "$RESULTS"
 echo "bench.run: $((SECONDS - started)) s"
-timeout 270 "$PY" -m bench.curves --device "$DEVICE" --dtype "$DTYPE" "${CURVE_ARGS[@]}" --png "$PNG" \
+timeout 190 "$PY" -m bench.curves --device "$DEVICE" --dtype "$DTYPE" "${CURVE_ARGS[@]}" --png "$PNG" \
   --results "$RESULTS"
 echo "bench/gpu.sh: $((SECONDS - started)) s in all; results in $RESULTS, plot in $PNG"
