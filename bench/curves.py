@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m bench.curves " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall time": f"{(datetime.datetime.now().astimezone() - started).total_seconds():.0f} s",
     }
-    plot(curves, args.png, f"throughput / base model, {args.device} {args.dtype}")
+    plot(curves, args.png, f"throughput / base model, {args.device}, {_torch_dtype(args.dtype, args.device)}")
     text = render(curves, header, os.path.relpath(args.png, args.results.parent))
     write_section(args.results, "bench.curves", text)
     print(text)
