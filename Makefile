@@ -8,13 +8,13 @@ STAMP := $(VENV)/.installed
 MIN_VENV ?= .venv-min
 MIN_PY := $(MIN_VENV)/bin/python
 
-.PHONY: install serve serve-ray test test-distributed test-min-deps lint clean
+.PHONY: install serve serve-ray test test-distributed test-min-deps lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,distributed]"
+	$(PY) -m pip install -q -e ".[dev,distributed,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,6 +44,15 @@ test-min-deps:
 	$(MIN_PY) ci/lowest_constraints.py > $(MIN_VENV)/constraints.txt
 	$(MIN_PY) -m pip install -q --constraint $(MIN_VENV)/constraints.txt -e ".[dev]"
 	$(MIN_PY) -m pytest $(MIN_DEPS_TESTS)
+
+# Benchmarks, never part of `make test`: bench.run and bench.curves write bench/results.md and bench/scaling.png
+# (several minutes on 2 cores); bench-gpu runs both on a CUDA GPU in bfloat16 (bench/gpu.sh, under 8 minutes).
+bench: $(STAMP)
+	$(PY) -m bench.run
+	$(PY) -m bench.curves
+
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service adapter_client tests bench examples

@@ -4,6 +4,13 @@ Every request records its latency, its time to first token (TTFT) and its comple
 `stream=True` the client asks for server-sent events (`data: {...}` per token, then a final event with
 `finish_reason`) and TTFT is the arrival of the first token event; a server that answers plain JSON
 instead (no streaming support) is handled too, with TTFT = latency.
+
+With `probe_residency=True` each request on an adapter is bracketed by `GET /adapters/{id}` just before and
+just after it: the request counts as *cold* (its adapter was not resident when it was sent) when the first
+GET says `resident: false` or the adapter's `usage.loads` counter grew between the two GETs. An adapter cannot
+be evicted while a request holds it, so a load inside that window is one this request (or a concurrent one it
+waited for) needed; the only false positive is a reload by another client in the instant between this
+request's end and its second GET, which LRU makes unlikely (this adapter was just used).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -42,6 +49,11 @@ class RequestRecord:
     completion_tokens: int
     streamed: bool
     token_ids: tuple[int, ...]
+    adapter: str = ""
+    cold: bool | None = None  # adapter not resident when sent (probe_residency); None: not probed
+
+
+PromptOf = Callable[[str, int, int], str]  # (adapter id, client index, turn) -> prompt
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,9 @@ class LoadResult:
     def latency(self, q: float) -> float:
         return percentile([r.latency_s for r in self.records], q)
 
-    def ttft(self, q: float) -> float:
-        return percentile([r.ttft_s for r in self.records], q)
+    def ttft(self, q: float, cold: bool | None = None) -> float:
+        """TTFT percentile of every request, or only the cold (`cold=True`) or warm (`False`) ones."""
+        return percentile([r.ttft_s for r in self.records if cold is None or r.cold is cold], q)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -118,24 +131,49 @@ async def send_request(client: httpx.AsyncClient, payload: dict, stream: bool) -
     return RequestRecord(latency, latency, tokens, False, tuple(data.get("token_ids", ())))
 
 
+def default_prompt(adapter: str, index: int, turn: int) -> str:
+    return PROMPTS[(index + turn) % len(PROMPTS)]
+
+
+async def _residency(client: httpx.AsyncClient, adapter: str) -> tuple[bool, int]:
+    """(resident now, loads into model memory so far) from `GET /adapters/{id}`."""
+    response = await client.get(f"/adapters/{adapter}")
+    if response.status_code != 200:
+        raise LoadError(f"GET /adapters/{adapter} -> {response.status_code}: {response.text[:500]}")
+    info = response.json()
+    return bool(info["resident"]), int((info.get("usage") or {}).get("loads") or 0)
+
+
 async def _client_loop(client: httpx.AsyncClient, index: int, adapter_of: Callable[[int], str], requests: int,
-                       max_new_tokens: int, stream: bool) -> list[RequestRecord]:
+                       max_new_tokens: int, stream: bool, prompt_of: PromptOf,
+                       probe_residency: bool) -> list[RequestRecord]:
     records = []
     for turn in range(requests):
-        payload = {"prompt": PROMPTS[(index + turn) % len(PROMPTS)], "adapter_id": adapter_of(index),
+        adapter = adapter_of(index)
+        payload = {"prompt": prompt_of(adapter, index, turn), "adapter_id": adapter,
                    "max_new_tokens": max_new_tokens, "temperature": 0}
-        records.append(await send_request(client, payload, stream))
+        probe = probe_residency and adapter != "base"
+        if probe:
+            resident, loads_before = await _residency(client, adapter)
+        record = await send_request(client, payload, stream)
+        cold = None
+        if probe:
+            cold = not resident or (await _residency(client, adapter))[1] > loads_before
+        records.append(replace(record, adapter=adapter, cold=cold))
     return records
 
 
 async def run_load(base_url: str, adapter_of: Callable[[int], str], clients: int, requests_per_client: int,
-                   max_new_tokens: int, stream: bool, timeout_s: float) -> LoadResult:
-    """Run `clients` closed-loop clients (client i uses adapter `adapter_of(i)`) to completion."""
+                   max_new_tokens: int, stream: bool, timeout_s: float, prompt_of: PromptOf = default_prompt,
+                   probe_residency: bool = False) -> LoadResult:
+    """Run `clients` closed-loop clients to completion. Client i asks `adapter_of(i)` before each request
+    (a fixed adapter per client, or a fresh draw per request) and sends `prompt_of(adapter, i, turn)`."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
         start = time.perf_counter()
         per_client = await asyncio.gather(*(
-            _client_loop(client, i, adapter_of, requests_per_client, max_new_tokens, stream) for i in range(clients)
+            _client_loop(client, i, adapter_of, requests_per_client, max_new_tokens, stream, prompt_of,
+                         probe_residency) for i in range(clients)
         ))
         wall = time.perf_counter() - start
     return LoadResult([r for records in per_client for r in records], wall)

@@ -36,7 +36,7 @@ class GenerateResponse(BaseModel):
     token_ids: list[int]
 
 
-def create_app(model_dir: Path, adapters: dict[str, Path], device: str) -> FastAPI:
+def create_app(model_dir: Path, adapters: dict[str, Path], device: str, dtype: str = "auto") -> FastAPI:
     """The app; the model and adapters load in the lifespan, before uvicorn reports it is running."""
     state: dict = {}
     lock = threading.Lock()  # one request at a time: set_adapter mutates the shared model
@@ -45,8 +45,8 @@ def create_app(model_dir: Path, adapters: dict[str, Path], device: str) -> FastA
     async def lifespan(app: FastAPI):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # The same dtype rule as our server's `--dtype auto`.
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=auto if dtype == "auto" else getattr(torch, dtype))
         (first, first_path), *rest = adapters.items()
         model = PeftModel.from_pretrained(base, first_path, adapter_name=first)
         for name, path in rest:
@@ -93,11 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", dest="adapters", action="append", type=_adapter_arg, required=True,
                         help="NAME=PATH of a PEFT adapter directory; repeat for each adapter")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    app = create_app(args.model, dict(args.adapters), device)
+    app = create_app(args.model, dict(args.adapters), device, args.dtype)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

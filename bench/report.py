@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .load import LoadResult
 
@@ -22,6 +23,8 @@ class BenchReport:
     delete_s: list[float] = field(default_factory=list)
     # server -> token ids of its warm-up requests (same prompts and adapters on both servers)
     warmup_tokens: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    extra_ratios: list[str] = field(default_factory=list)  # ratio lines of the many-adapter scenarios
+    notes: list[str] = field(default_factory=list)  # what could not be measured, and why
 
 
 def _num(value: float, digits: int = 3) -> str:
@@ -34,13 +37,14 @@ def _ratio(report: BenchReport, numerator: str, denominator: str) -> float | Non
 
 
 def _table(report: BenchReport) -> list[str]:
-    lines = ["| scenario | requests | tokens | tokens/s | p50 latency s | p99 latency s | p50 TTFT s | TTFT from |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| scenario | requests | tokens | tokens/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | "
+             "TTFT from |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, result in report.scenarios.items():
         tokens = sum(r.completion_tokens for r in result.records)
         source = "stream" if all(r.streamed for r in result.records) else "latency (no stream)"
         lines.append(f"| {label} | {len(result.records)} | {tokens} | {_num(result.tokens_per_s, 1)} | "
-                     f"{_num(result.latency(50))} | {_num(result.latency(99))} | {_num(result.ttft(50))} | {source} |")
+                     f"{_num(result.latency(50))} | {_num(result.latency(99))} | {_num(result.ttft(50))} | "
+                     f"{_num(result.ttft(99))} | {source} |")
     return lines
 
 
@@ -64,7 +68,7 @@ def _ratios(report: BenchReport, single: str, mixed: str, base: str, naive: str,
         same = sum(a == b for a, b in zip(ours, naive_tokens, strict=True))
         lines.append(f"- greedy tokens, ours vs naive PEFT, warm-up requests (same prompt and adapter): "
                      f"{same}/{len(ours)} identical")
-    return lines or ["- (not enough scenarios run for any ratio)"]
+    return lines or ([] if report.extra_ratios else ["- (not enough scenarios run for any ratio)"])
 
 
 def _lifecycle(report: BenchReport) -> list[str]:
@@ -82,5 +86,24 @@ def render(report: BenchReport, single: str, mixed: str, base: str, naive: str, 
     lines = ["# Benchmark results", ""]
     lines += [f"- {key}: {value}" for key, value in report.header.items()]
     lines += ["", *_table(report), "", "## Ratios", "", *_ratios(report, single, mixed, base, naive, fused),
-              "", "## Adapter lifecycle (ours)", "", *_lifecycle(report), ""]
+              *report.extra_ratios]
+    if report.notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in report.notes)]
+    if report.upload_s or report.delete_s:
+        lines += ["", "## Adapter lifecycle (ours)", "", *_lifecycle(report)]
+    lines.append("")
     return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between `<!-- name:begin -->` and `<!-- name:end -->` in `path`, keeping the rest of the
+    file (the hand-written sections) as it is; the markers are appended at the end when absent."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else ""
+    head, found, rest = old.partition(begin)
+    if found and end in rest:
+        new = head + block + rest.partition(end)[2]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)

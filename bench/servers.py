@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -98,16 +99,24 @@ class ServerProcess:
         self.stop()
 
 
-def our_server(model_dir: Path, store_dir: Path, device: str) -> ServerProcess:
-    """Our adapter service on a fresh store."""
+def our_server(model_dir: Path, store_dir: Path, device: str, dtype: str = "auto",
+               extra_args: Sequence[str] = ()) -> ServerProcess:
+    """Our adapter service on a fresh store; `extra_args` are more `serve` flags (e.g. a resident limit)."""
     args = ["-m", "service", "serve", "--model", str(model_dir), "--store", str(store_dir),
-            "--host", "127.0.0.1", "--port", "0", "--device", device]
+            "--host", "127.0.0.1", "--port", "0", "--device", device, "--dtype", dtype, *extra_args]
     return ServerProcess("ours", args)
 
 
-def naive_server(model_dir: Path, adapters: dict[str, Path], device: str) -> ServerProcess:
+def serve_supports(flag: str) -> bool:
+    """Whether this checkout's `python -m service serve` knows `flag` (read from its --help)."""
+    help_text = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], cwd=REPO_ROOT, text=True,
+                               capture_output=True, check=True, timeout=300).stdout
+    return re.search(rf"(^|\s){re.escape(flag)}(\s|=|$)", help_text, re.MULTILINE) is not None
+
+
+def naive_server(model_dir: Path, adapters: dict[str, Path], device: str, dtype: str = "auto") -> ServerProcess:
     """The hand-written PEFT server (`bench/naive_peft_server.py`) with every adapter preloaded."""
-    args = ["-m", "bench.naive_peft_server", "--model", str(model_dir), "--device", device,
+    args = ["-m", "bench.naive_peft_server", "--model", str(model_dir), "--device", device, "--dtype", dtype,
             "--host", "127.0.0.1", "--port", "0"]
     for name, path in adapters.items():
         args += ["--adapter", f"{name}={path}"]
