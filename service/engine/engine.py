@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..runtime import AdapterRuntime
+from .prefix_cache import PrefixCache
 from .requests import GenerationRequest, GenerationResult
 from .scheduler import ContinuousBatcher
 from .sequence import Sequence, TokenEvent
@@ -85,12 +86,14 @@ class Engine:
         max_batch_size: int = 16,
         max_waiting: int = 256,
         prefill_token_budget: int = 2048,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.runtime = runtime
         self.max_waiting = max_waiting
-        self.batcher = ContinuousBatcher(model, tokenizer, runtime, max_batch_size, prefill_token_budget)
+        prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.batcher = ContinuousBatcher(model, tokenizer, runtime, max_batch_size, prefill_token_budget, prefix_cache)
         self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._lock = threading.Lock()
@@ -141,7 +144,9 @@ class Engine:
     def call_sync(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
         """Blocking variant for start-up code that runs outside the event loop."""
         if not self._thread.is_alive():
-            return fn(self.runtime)
+            result = fn(self.runtime)
+            self.batcher.forget_changed_adapters()
+            return result
         future: Future = Future()
         self._inbox.put(_Call(fn, future))
         return future.result()
@@ -180,6 +185,13 @@ class Engine:
         if not call.future.set_running_or_notify_cancel():
             return
         try:
-            call.future.set_result(call.fn(self.runtime))
+            result, error = call.fn(self.runtime), None
         except BaseException as exc:  # handed to the awaiting caller
-            call.future.set_exception(exc)
+            result, error = None, exc
+        # An adapter the call deleted, replaced or (un)fused loses its cached prefixes before the caller hears
+        # back: its stale keys/values are freed now, and never reused.
+        self.batcher.forget_changed_adapters()
+        if error is None:
+            call.future.set_result(result)
+        else:
+            call.future.set_exception(error)

@@ -52,12 +52,16 @@ class GrowingLayer(DynamicLayer):
         """Use (B, heads, capacity, head_dim) buffers whose first `length` columns hold the cache."""
         self._k, self._v, self._n = keys, values, length
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Set device and dtype from the first states, once (transformers' lazy initialization)."""
         if not getattr(self, "is_initialized", self._k is not None):  # the flag exists from transformers 4.57
             try:
                 self.lazy_initialization(key_states, value_states)
             except TypeError:  # transformers 4.56: lazy_initialization(key_states)
                 self.lazy_initialization(key_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.initialize(key_states, value_states)
         new = key_states.shape[-2]
         k, v, n = self._k, self._v, self._n
         if k is None or k.dim() != 4 or n + new > k.shape[-2] or k.shape[0] != key_states.shape[0]:
@@ -82,6 +86,18 @@ class GrowingCache(DynamicCache):
 
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer, offloading=False, offload_only_non_sliding=False)
+
+
+def prefilled(keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> GrowingCache:
+    """A cache whose layer i already holds `length` columns: the first columns of keys[i]/values[i], each a
+    (B, heads, capacity, head_dim) buffer with room for the tokens the next forward adds."""
+    cache = GrowingCache()
+    for k, v in zip(keys, values, strict=True):
+        layer = GrowingLayer()
+        layer.initialize(k, v)
+        layer.adopt(k, v, length)
+        cache.layers.append(layer)
+    return cache
 
 
 def merge(

@@ -4,11 +4,19 @@ Each step first admits waiting requests (prefilled together, bounded by a token 
 are not stalled for long), merges their KV cache into the running batch, then decodes one token for
 every running row. Each row has its own adapter (routed by the runtime), sampling settings and stop
 conditions; finished and cancelled rows leave the batch at once.
+
+Admission prefills each distinct (adapter, prompt) once: copies (a request's n > 1 choices) get the rows of
+that one prefill, then sample on their own. With a `PrefixCache`, a prompt that starts with cached blocks
+prefills only the rest on top of their keys/values; rows with different cached lengths sit in one forward
+as  [pad | cached | pad | rest], with the attention mask marking the real columns (position ids follow the
+mask, so they are the same as without the cache).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +24,7 @@ from torch import nn
 from ..errors import NonFiniteLogitsError
 from ..runtime import AdapterNotFoundError, AdapterRuntime
 from . import kv_cache
+from .prefix_cache import PrefixBlock, PrefixCache
 from .sampling import TokenCounts, pick_token, process, row_generator, token_logprob
 from .sequence import Sequence
 
@@ -31,9 +40,24 @@ def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass(eq=False)
+class _Prompt:
+    """One distinct (adapter, prompt) of an admission: the rows that share its prefill, and its cached blocks."""
+
+    adapter_id: str | None
+    prompt_ids: list[int]
+    blocks: list[PrefixBlock]
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def cached(self) -> int:
+        return sum(b.kv.shape[3] for b in self.blocks)
+
+
 class ContinuousBatcher:
     def __init__(
-        self, model: nn.Module, tokenizer, runtime: AdapterRuntime, max_batch_size: int, prefill_token_budget: int
+        self, model: nn.Module, tokenizer, runtime: AdapterRuntime, max_batch_size: int, prefill_token_budget: int,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
         self.max_batch_size = max_batch_size
@@ -42,6 +66,10 @@ class ContinuousBatcher:
         self.eos = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos, default=0)
+        self.prefix_cache = prefix_cache
+        # Adapter id -> (its record, fused) when its blocks were cached: blocks of a changed adapter are dropped.
+        self._cached_versions: dict[str, tuple[weakref.ref, bool]] = {}
+        self.prefill_rows = 0  # rows prefilled (copies of one prompt count once): what sharing saves shows here
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._cache: kv_cache.GrowingCache | None = None
@@ -56,6 +84,16 @@ class ContinuousBatcher:
     def uses(self, adapter_id: str) -> bool:
         return any(s.request.adapter_id == adapter_id for s in (*self.running, *self.waiting))
 
+    def forget_changed_adapters(self) -> None:
+        """Drop the cached prefixes of every adapter that was deleted, unloaded, replaced, fused or unfused
+        since they were computed (the engine calls this after each adapter change and before each step)."""
+        for adapter_id, (ref, fused) in list(self._cached_versions.items()):
+            loaded = self.runtime.adapters.get(adapter_id)
+            if loaded is None or ref() is not loaded or bool(loaded.fused) != fused:
+                del self._cached_versions[adapter_id]
+                if self.prefix_cache is not None:
+                    self.prefix_cache.drop_adapter(adapter_id)
+
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -63,6 +101,7 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit what fits, then decode one token for every running row."""
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        self.forget_changed_adapters()
         self._drop_finished()
         admitted = self._take_admissible()
         if admitted:
@@ -71,7 +110,7 @@ class ContinuousBatcher:
             except Exception as exc:
                 # Rows that never reached `running` are in no list `fail_all` sees: fail them here, or their
                 # callers would wait until their timeout.
-                for s in admitted:
+                for s in (s for p in admitted for s in p.seqs):
                     if s not in self.running:
                         s.finish_reason = "error"
                         s.emit(exc)
@@ -80,38 +119,62 @@ class ContinuousBatcher:
             self._decode_step()
         self._drop_finished()  # finished rows leave now, not at the next step
 
-    def _take_admissible(self) -> list[Sequence]:
-        taken: list[Sequence] = []
+    def _take_admissible(self) -> list[_Prompt]:
+        """Waiting requests that fit, grouped by (adapter, prompt); the budget counts tokens to compute."""
+        prompts: dict[tuple[str | None, tuple[int, ...]], _Prompt] = {}
+        taken = 0
         budget = self.prefill_token_budget
-        while self.waiting and len(self.running) + len(taken) < self.max_batch_size:
-            n = len(self.waiting[0].request.prompt_ids)
-            if taken and n > budget:
-                break
-            seq = self.waiting.popleft()
-            adapter_id = seq.request.adapter_id
-            if adapter_id is not None and adapter_id not in self.runtime.adapters:
-                seq.emit(AdapterNotFoundError(adapter_id))  # only this request fails, not the batch
+        while self.waiting and len(self.running) + taken < self.max_batch_size:
+            request = self.waiting[0].request
+            key = (request.adapter_id, tuple(request.prompt_ids))
+            prompt = prompts.get(key)
+            if prompt is None and request.adapter_id is not None and request.adapter_id not in self.runtime.adapters:
+                self.waiting.popleft().emit(AdapterNotFoundError(request.adapter_id))  # only this request fails
                 continue
-            budget -= n
-            taken.append(seq)
-        return taken
+            if prompt is None:
+                blocks = self._match(request.adapter_id, request.prompt_ids)
+                prompt = _Prompt(request.adapter_id, request.prompt_ids, blocks)
+                cost = len(request.prompt_ids) - prompt.cached
+                if taken and cost > budget:
+                    break
+                budget -= cost
+                prompts[key] = prompt
+            prompt.seqs.append(self.waiting.popleft())
+            taken += 1
+        return list(prompts.values())
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        width = max(len(s.request.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            n = len(s.request.prompt_ids)
-            ids[i, width - n:] = torch.tensor(s.request.prompt_ids, device=self.device)
-            mask[i, width - n:] = 1
+    def _match(self, adapter_id: str | None, prompt_ids: list[int]) -> list[PrefixBlock]:
+        return [] if self.prefix_cache is None else self.prefix_cache.match(adapter_id, prompt_ids)
+
+    def _prefill(self, prompts: list[_Prompt]) -> None:
+        """One forward for the distinct prompts (each on its cached prefix), then one batch row per request."""
+        seqs = [s for p in prompts for s in p.seqs]
+        cached = [p.cached for p in prompts]
+        rest = [len(p.prompt_ids) - c for p, c in zip(prompts, cached, strict=True)]
+        width_cached, width = max(cached), max(rest)
+        # Row g: [pad | cached[g] | pad | rest[g]] over width_cached + width columns.
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)  # (G, R)
+        mask = torch.zeros((len(prompts), width_cached + width), dtype=torch.long, device=self.device)  # (G, C+R)
+        for g, p in enumerate(prompts):
+            ids[g, width - rest[g]:] = torch.tensor(p.prompt_ids[cached[g]:], device=self.device)
+            mask[g, width_cached - cached[g]:width_cached] = 1
+            mask[g, mask.shape[1] - rest[g]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:]  # (G, R)
+        cache = self._cached_past(prompts, width_cached, width)
+        for s in seqs:
             s.generator = row_generator(s.request.params, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = kv_cache.GrowingCache()
-        with self.runtime.route([s.request.adapter_id for s in seqs]):
+        with self.runtime.route([p.adapter_id for p in prompts]):
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
             ).logits[:, -1, :]
+        self.prefill_rows += len(prompts)
+        self._remember(prompts, cache, mask.shape[1], rest)
         next_pos = positions[:, -1] + 1
+        copies = [g for g, p in enumerate(prompts) for _ in p.seqs]  # each request's prompt row
+        if len(copies) > len(prompts):  # n > 1: copies take the rows of their prompt's one prefill
+            index = torch.tensor(copies, dtype=torch.long, device=self.device)
+            mask = kv_cache.select_rows(cache, mask, index)
+            logits, next_pos = logits[index], next_pos[index]
         last = torch.full_like(next_pos, self.pad_id)
         if self._cache is None:
             self._cache, self._mask, self._next_pos, self._last = cache, mask, next_pos, last
@@ -121,6 +184,40 @@ class ContinuousBatcher:
             self._last = torch.cat([self._last, last])
         self.running.extend(seqs)  # counted as running before their first token is reported
         self._last[-len(seqs):] = self._sample(seqs, logits)
+
+    def _cached_past(self, prompts: list[_Prompt], width_cached: int, width: int) -> kv_cache.GrowingCache:
+        """A cache holding each prompt's cached blocks right-aligned in the first `width_cached` columns (zeros
+        elsewhere: masked, and never NaN), with room for the `width` columns the prefill adds."""
+        if width_cached == 0:
+            return kv_cache.GrowingCache()
+        first = next(p.blocks[0].kv for p in prompts if p.blocks)  # (layers, 2, heads, block, head_dim)
+        n_layers, _, heads, _, head_dim = first.shape
+        buf = first.new_zeros((n_layers, 2, len(prompts), heads, width_cached + width + kv_cache.SPARE_COLUMNS,
+                               head_dim))
+        for g, p in enumerate(prompts):
+            if p.blocks:
+                kv = torch.cat([b.kv for b in p.blocks], dim=3)  # (layers, 2, heads, cached, head_dim)
+                buf[:, :, g, :, width_cached - kv.shape[3]:width_cached] = kv
+        return kv_cache.prefilled([buf[i, 0] for i in range(n_layers)], [buf[i, 1] for i in range(n_layers)],
+                                  width_cached)
+
+    def _remember(self, prompts: list[_Prompt], cache: kv_cache.GrowingCache, length: int, rest: list[int]) -> None:
+        """Put each prompt's newly computed full blocks into the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for g, p in enumerate(prompts):
+            self.prefix_cache.count(p.cached)
+            start = length - rest[g] - p.cached  # column of the prompt's token 0 (were it all in this cache)
+
+            def kv_of(first: int, stop: int, g: int = g, start: int = start) -> torch.Tensor:
+                return torch.stack([torch.stack([layer.keys[g, :, start + first:start + stop],
+                                                 layer.values[g, :, start + first:start + stop]])
+                                    for layer in cache.layers])  # (layers, 2, heads, stop - first, head_dim)
+
+            self.prefix_cache.insert(p.adapter_id, p.prompt_ids, p.blocks, kv_of)
+            if p.adapter_id is not None and p.adapter_id in self.runtime.adapters:
+                loaded = self.runtime.adapters[p.adapter_id]
+                self._cached_versions[p.adapter_id] = (weakref.ref(loaded), bool(loaded.fused))
 
     def _decode_step(self) -> None:
         self._drop_finished()
