@@ -66,6 +66,9 @@ class Settings(BaseSettings):
                                       "beyond it 429 with Retry-After (backpressure)")
     prefill_token_budget: int = Field(default=2048, ge=1, description="prompt tokens prefilled per engine step "
                                       "(bounds how long running rows stall for newcomers)")
+    prefix_cache_mb: int = Field(default=256, ge=0, description="MiB of prompt-prefix keys/values kept per adapter "
+                                 "(prompts that start alike prefill only the rest; least recently used goes "
+                                 "first; 0: off)")
     request_timeout_s: float = Field(default=300.0, gt=0, description="per-request limit in seconds (504 beyond)")
     max_resident_adapters: int = Field(default=64, ge=1, description="adapters loaded in model memory; the rest "
                                        "load on first use (LRU)")

@@ -25,7 +25,7 @@ from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
 from ..metrics import ServiceMetrics
 from ..model_loading import BaseModel, load_base_model
 from ..runtime import AdapterRuntime, LoadedAdapter
-from ..settings import Settings
+from ..settings import MiB, Settings
 from ..store import AdapterStore, StagedAdapter
 from .admission import Admission
 from .interface import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
@@ -65,7 +65,8 @@ class LocalAdapterService:
         base = load_base_model(settings)
         runtime = AdapterRuntime(base.model, max_rank=settings.max_adapter_rank, model_name=base.name)
         engine = Engine(base.model, base.tokenizer, runtime, max_batch_size=settings.max_batch_size,
-                        max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget)
+                        max_waiting=settings.max_waiting_requests, prefill_token_budget=settings.prefill_token_budget,
+                        prefix_cache_bytes=settings.prefix_cache_mb * MiB)
         service = cls(settings, base, engine, AdapterStore(settings.store), metrics)
         service.lifecycle.restore()
         service.metrics.bind(

@@ -35,7 +35,7 @@ from ..merging.export import MergedCheckpoint, stream_checkpoint_tar
 from ..model_loading import load_base_model
 from ..runtime import AdapterRuntime
 from ..runtime.adapter_types.base import NotMergeableError
-from ..settings import Settings
+from ..settings import MiB, Settings
 from .cluster_state import split_model_id, state_actor
 from .resident import ResidentAdapter, ResidentAdapters
 from .shared_store import SharedDirectorySource, StaleAdapterError
@@ -74,7 +74,8 @@ class AdapterReplica:
                                  model_name=self.base.name)
         self.engine = Engine(self.base.model, self.base.tokenizer, runtime, max_batch_size=self.settings.max_batch_size,
                              max_waiting=self.settings.max_waiting_requests,
-                             prefill_token_budget=self.settings.prefill_token_budget)
+                             prefill_token_budget=self.settings.prefill_token_budget,
+                             prefix_cache_bytes=self.settings.prefix_cache_mb * MiB)
         self.engine.start()
         self.adapters = ResidentAdapters(self.engine)
         self.admission = Admission(self.engine, self.adapters, self.settings)
