@@ -7,7 +7,8 @@ and platform collectors, registered on the same registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +19,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -78,6 +80,10 @@ class ServiceMetrics:
         self.adapters.labels("registered").set_function(registered)
         self.adapter_bytes.set_function(adapter_bytes)
 
+    def bind_prefix_cache(self, stats: Callable[[], Any]) -> None:
+        """Report the engine's prefix cache: `stats()` gives its `PrefixCacheStats` (None: no cache)."""
+        self.registry.register(_PrefixCacheCollector(stats))
+
     def forget_adapter(self, adapter_id: str) -> None:
         """Drop a deleted adapter's series: the series of every adapter id ever used would otherwise pile up
         (memory grows with each uploaded-and-deleted adapter)."""
@@ -90,6 +96,27 @@ class ServiceMetrics:
     def render(self, per_adapter: bool = True) -> bytes:
         """The text format; without `per_adapter`, no series that names an adapter."""
         return generate_latest(self.registry if per_adapter else _WithoutAdapters(self.registry))
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's counters and size, read at scrape time (plain ints the engine thread updates)."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.stats()
+        if s is None:
+            return
+        p = "adapter_service_prefix_cache_"
+        yield CounterMetricFamily(p + "hits", "Prompts prefilled on cached prefix blocks", value=s.hits)
+        yield CounterMetricFamily(p + "misses", "Prompts prefilled with no cached prefix", value=s.misses)
+        yield CounterMetricFamily(p + "tokens_saved", "Prompt tokens taken from the prefix cache instead of "
+                                  "prefilled", value=s.tokens_saved)
+        yield CounterMetricFamily(p + "evicted_blocks", "Prefix blocks evicted for room (least recently used)",
+                                  value=s.evicted_blocks)
+        yield GaugeMetricFamily(p + "bytes", "Bytes of keys/values held by the prefix cache", value=s.bytes)
+        yield GaugeMetricFamily(p + "blocks", "Blocks held by the prefix cache", value=s.blocks)
 
 
 class _WithoutAdapters:

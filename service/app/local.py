@@ -74,6 +74,7 @@ class LocalAdapterService:
             resident=lambda: service.residency.resident_count, registered=lambda: len(service.registry.records),
             adapter_bytes=lambda: sum(r.resident_bytes for r in service.registry.records.values()),
         )
+        service.metrics.bind_prefix_cache(lambda: engine.prefix_cache_stats)
         return service
 
     def _fused_active(self, adapter_id: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..runtime import AdapterRuntime
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, PrefixCacheStats
 from .requests import GenerationRequest, GenerationResult
 from .scheduler import ContinuousBatcher
 from .sequence import Sequence, TokenEvent
@@ -111,6 +111,12 @@ class Engine:
     @property
     def running_requests(self) -> int:
         return len(self.batcher.running)
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters and size (None: the cache is off); read from any thread."""
+        cache = self.batcher.prefix_cache
+        return None if cache is None else cache.stats
 
     @property
     def waiting_requests(self) -> int:
