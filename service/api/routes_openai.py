@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from ..app import BASE, AdapterService, Generation, GenerationInput
-from ..engine import SamplingParams, TokenLogprob
+from ..engine import SamplingParams, TokenLogprob, submitted_together
 from ..errors import InvalidRequestError, RequestLimitError
 from .auth import require
 from .deps import Config, Svc
@@ -80,9 +80,10 @@ async def _admit_all(service: AdapterService, inputs: list[GenerationInput], req
     """Admit every choice before any runs, so a refusal answers the whole request (and frees the others)."""
     admitted: list[Generation] = []
     try:
-        for item in inputs:
-            admitted.append(await service.generate(item))
-            count_tokens(request, admitted[-1])
+        with submitted_together():  # one admission step: the n copies of a prompt share one prefill
+            for item in inputs:
+                admitted.append(await service.generate(item))
+                count_tokens(request, admitted[-1])
     except BaseException:
         for generation in admitted:
             await generation.events.aclose()  # type: ignore[attr-defined]

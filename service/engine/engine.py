@@ -11,8 +11,10 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,24 @@ from .sequence import Sequence, TokenEvent
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+# Submissions held by `submitted_together` in the current task: (engine, sequence) pairs.
+_held: ContextVar[list[tuple[Engine, Sequence]] | None] = ContextVar("held_submissions", default=None)
+
+
+@contextmanager
+def submitted_together() -> Iterator[None]:
+    """Requests submitted in the block (by this task) reach their engine at once when it ends, so they are
+    admitted in one step: the copies of one prompt (OpenAI's n) then share one prefill. Without it, each copy's
+    tokenizing lets the engine start a step on the copies before it."""
+    held: list[tuple[Engine, Sequence]] = []
+    token = _held.set(held)
+    try:
+        yield
+    finally:  # also on error: the engine counts them as queued (a cancelled one is dropped at its next step)
+        _held.reset(token)
+        for engine in dict.fromkeys(e for e, _ in held):
+            engine._inbox.put([s for e, s in held if e is engine])
 
 
 class QueueFullError(Exception):
@@ -131,7 +151,11 @@ class Engine:
                 raise QueueFullError(waiting)
             self._queued += 1
         handle = RequestHandle(self, request)
-        self._inbox.put(handle.sequence)
+        held = _held.get()
+        if held is None:
+            self._inbox.put(handle.sequence)
+        else:
+            held.append((self, handle.sequence))
         return handle
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -175,10 +199,11 @@ class Engine:
                     return
                 if isinstance(item, _Call):
                     self._execute(item)
-                elif isinstance(item, Sequence):
+                elif isinstance(item, (Sequence, list)):
+                    items = item if isinstance(item, list) else [item]
                     with self._lock:
-                        self._queued -= 1
-                    self.batcher.waiting.append(item)
+                        self._queued -= len(items)
+                    self.batcher.waiting.extend(items)
             if self.batcher.idle:
                 continue
             try:

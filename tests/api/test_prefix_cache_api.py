@@ -36,12 +36,19 @@ def test_prefix_hits_keep_outputs_and_die_with_the_adapter(server, adapters, ora
     assert _generate(c, prompts[0], "alpha") == oracle.tokens("beta", prompts[0], 10)
 
 
-def test_greedy_copies_of_an_openai_request_are_all_peft_s(server, adapters, oracle) -> None:
+def test_the_copies_of_an_openai_request_share_one_prefill(server, adapters, oracle) -> None:
+    """n = 3 greedy copies of a new prompt: one prefill (one miss, no hit: the copies did not come one after
+    another, hitting what the first one cached), and each copy is PEFT's output."""
     c = server.client
     assert upload(c, adapters["beta"], "beta").status_code == 201
     prompt = SYSTEM + "Q: copies?"
+    before = c.get("/metrics").text
     r = c.post("/v1/completions", json={"model": "beta", "prompt": prompt, "n": 3, "max_tokens": 8,
                                         "temperature": 0})
     assert r.status_code == 200, r.text
+    after = c.get("/metrics").text
     expected = oracle.tokenizer.decode(oracle.tokens("beta", prompt, 8), skip_special_tokens=True)
     assert [choice["text"] for choice in r.json()["choices"]] == [expected] * 3
+    for name, prefills in (("misses", 1), ("hits", 0)):
+        metric = f"adapter_service_prefix_cache_{name}_total"
+        assert _metric(after, metric) - _metric(before, metric) == prefills, name
