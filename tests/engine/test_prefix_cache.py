@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from service.engine import Engine, GenerationRequest, SamplingParams
+from service.engine import Engine, GenerationRequest, SamplingParams, submitted_together
 from service.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from service.engine.scheduler import ContinuousBatcher
 from service.engine.sequence import Sequence
@@ -182,3 +182,23 @@ def test_copies_of_one_prompt_share_one_prefill_and_sample_on_their_own(make_bat
         again = submit(alone, prompt, "b", max_new_tokens=16, temperature=1.0, seed=100 + j)
         drain(alone)
         assert again.tokens == s.tokens
+
+
+def test_requests_submitted_together_reach_the_engine_in_one_piece(make_engine, demo_tokenizer,
+                                                                   peft_greedy) -> None:
+    """Held until the block ends (a round trip through the engine thread admits none of them), then admitted
+    in one step: three copies, one prefill row."""
+    engine = make_engine(max_batch_size=4)
+    prompt = ids(demo_tokenizer, "Copies of one prompt")
+
+    async def scenario():
+        with submitted_together():
+            handles = [engine.submit(GenerationRequest(prompt, "c", SamplingParams(max_new_tokens=6)))]
+            await engine.call(lambda rt: None)
+            assert engine.batcher.prefill_rows == 0 and engine.waiting_requests == 1
+            handles += [engine.submit(GenerationRequest(prompt, "c", SamplingParams(max_new_tokens=6)))
+                        for _ in range(2)]
+        return [(await h.result()).token_ids for h in handles]
+
+    assert asyncio.run(scenario()) == [peft_greedy("c", prompt, 6)] * 3
+    assert engine.batcher.prefill_rows == 1
