@@ -177,8 +177,8 @@ def test_copies_of_one_prompt_share_one_prefill_and_sample_on_their_own(make_bat
     assert [s.tokens for s in greedy] == [peft_greedy("b", prompt, 8)] * 2
     assert other.tokens == peft_greedy("a", prompt, 8)
     assert len({tuple(s.tokens) for s in sampled}) == 4
+    alone = make_batcher(cache_bytes=None)
     for j, s in enumerate(sampled):
-        alone = make_batcher(cache_bytes=None)
         again = submit(alone, prompt, "b", max_new_tokens=16, temperature=1.0, seed=100 + j)
         drain(alone)
         assert again.tokens == s.tokens
