@@ -41,6 +41,13 @@ class AdapterPlan:
     replacements: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> {param: file key}
     # Embedding module -> file key of its full weight, written by PEFT's save_embedding_layers (§1.7).
     base_weights: dict[str, str] = field(default_factory=dict)
+    # save_embedding_layers on a modules_to_save embedding also writes the wrapper's inner keys: PEFT's loader
+    # ignores `{m}.modules_to_save.{p}` (a second copy of `{m}.{p}`): its file key -> the key it duplicates ...
+    saved_copies: dict[str, str] = field(default_factory=dict)
+    # ... and writes `{m}.original_module.{p}` into the base module, which this adapter's rows never read (they
+    # use the copy): its file key -> the pristine state key it would overwrite. The weight goes to base_weights
+    # instead, since a tied output head does read it.
+    unread_base_params: dict[str, str] = field(default_factory=dict)
 
 
 def plan_adapter(adapter_id: str, adapter_dir: Path, index: ModelIndex, max_rank: int | None = None,
@@ -197,20 +204,52 @@ def _plan_replacements(plan: AdapterPlan, index: ModelIndex, keys: AdapterKeys) 
             if file_key is not None:
                 params[param] = file_key
         plan.replacements[name] = params
+        if name in index.embeddings:
+            _plan_wrapper_keys(plan, index, keys, name)
+
+
+def _plan_wrapper_keys(plan: AdapterPlan, index: ModelIndex, keys: AdapterKeys, name: str) -> None:
+    """Claim what save_embedding_layers adds for a modules_to_save embedding (PEFT_SPEC §1.7).
+
+    PEFT saves every state key under the wrapper: besides `{name}.{p}` (the copy, which its loader reads)
+    also `{name}.modules_to_save.{p}` (the same copy again, which its loader skips as an unexpected key)
+    and `{name}.original_module.{p}` (the base module, which its loader writes into the base model).
+    """
+    for param, spec in index.module_state(name).items():
+        copy_key = f"{name}.modules_to_save.{param}"
+        found = keys.shape(copy_key)
+        if found is not None and not _vocabulary_differs(plan.report, keys, copy_key, found, spec.shape):
+            file_key = keys.expect(copy_key, spec.shape, float_only=spec.dtype.is_floating_point)
+            loaded = plan.replacements[name].get(param)
+            if file_key is not None and loaded is not None:
+                plan.saved_copies[file_key] = loaded
+        elif found is not None:
+            keys.used.add(copy_key)
+        if param == "weight":
+            continue  # `{name}.original_module.weight`: _plan_base_weights
+        base_key = f"{name}.original_module.{param}"
+        if keys.shape(base_key) is not None:
+            file_key = keys.expect(base_key, spec.shape, float_only=spec.dtype.is_floating_point)
+            if file_key is not None:
+                plan.unread_base_params[file_key] = f"{name}.{param}"
 
 
 def _plan_base_weights(plan: AdapterPlan, index: ModelIndex, keys: AdapterKeys) -> None:
     """Claim the full embedding weights PEFT's `save_embedding_layers` writes (PEFT_SPEC §1.7).
 
     PEFT writes `{emb}.weight` for an untargeted input/output embedding (it was resized, or the caller
-    asked) and `{emb}.base_layer.weight` for a targeted one; loading writes them into the base model.
+    asked), `{emb}.base_layer.weight` for a targeted one and `{emb}.original_module.weight` for one in
+    modules_to_save (whose `{emb}.weight` is the copy); loading writes them into the base model.
     Here they must have the served model's shape; whether they equal its weights is decided on build.
     """
     targeted = {t.name for t in plan.targets}
     for name in index.embeddings:
-        if name in plan.replacements:  # a modules_to_save copy already claims `{name}.weight`
-            continue
-        key = f"{name}.base_layer.weight" if name in targeted else f"{name}.weight"
+        if name in plan.replacements:
+            key = f"{name}.original_module.weight"
+        elif name in targeted:
+            key = f"{name}.base_layer.weight"
+        else:
+            key = f"{name}.weight"
         found = keys.shape(key)
         if found is None:
             continue

@@ -257,6 +257,7 @@ class AdapterRuntime:
             state = {param: tensors[key] for param, key in params.items()}
             copy_module.load_state_dict(state, strict=True)  # casts to the copy's dtype and device
             loaded.replacements[name] = copy_module.eval().requires_grad_(False)
+        self._check_unread_keys(plan, tensors)
         if not report.ok:
             raise AdapterValidationError(report)
         return loaded
@@ -274,7 +275,7 @@ class AdapterRuntime:
         values: dict[int, tuple[str, torch.Tensor]] = {}  # base weight storage -> (file key, file value)
         for name, key in plan.base_weights.items():
             weight = self.index.modules[name].weight
-            value = tensors[key].to(weight.dtype)
+            value = tensors[key].to(weight.device, weight.dtype)  # compared with the base weight below
             storage = weight.untyped_storage().data_ptr()
             seen = values.get(storage)
             if seen is not None and not torch.equal(seen[1], value):
@@ -284,12 +285,19 @@ class AdapterRuntime:
         if not report.ok:
             return
         for storage, (key, value) in values.items():
-            names = [n for n in self.index.embeddings
-                     if self.index.modules[n].weight.untyped_storage().data_ptr() == storage]
-            base_weight = self.index.modules[names[0]].weight
+            tied = [n for n in self.index.embeddings
+                    if self.index.modules[n].weight.untyped_storage().data_ptr() == storage]
+            base_weight = self.index.modules[tied[0]].weight
             if torch.equal(value, base_weight):
                 report.warnings.append(f"{key}: the file carries the base model's embedding weights "
                                        "(save_embedding_layers); they equal the served model's, nothing extra held")
+                continue
+            names = [n for n in tied if n not in plan.replacements]  # a modules_to_save copy never reads it
+            if not names:
+                report.warnings.append(
+                    f"{key}: differs from the served model's {tied[0]}.weight; PEFT writes it into the shared base "
+                    "model, where only the base model's and other adapters' rows read it (this adapter's rows use "
+                    "its modules_to_save copy); ignored, as the server keeps one adapter's weights to itself")
                 continue
             shared = nn.Parameter(value.to(base_weight.device), requires_grad=False)
             for name in names:
@@ -301,6 +309,22 @@ class AdapterRuntime:
                 f"served model's; held for this adapter only ({value.numel() * value.element_size()} bytes, "
                 f"used by {', '.join(names)})"
             )
+
+    def _check_unread_keys(self, plan: AdapterPlan, tensors: dict[str, torch.Tensor]) -> None:
+        """Say when a key PEFT's loader never lets this adapter's rows read holds something else (§1.7)."""
+        report = plan.report
+        for key, loaded_key in plan.saved_copies.items():
+            if not torch.equal(tensors[key], tensors[loaded_key]):
+                report.warnings.append(f"{key} differs from {loaded_key}; PEFT loads the modules_to_save copy from "
+                                       f"{loaded_key} and skips {key}, and so does the server")
+        for key, state_key in plan.unread_base_params.items():
+            module_name, _, attr = state_key.rpartition(".")
+            base = getattr(self.index.modules[module_name], attr)
+            if not torch.equal(tensors[key].to(base.device, base.dtype), base):
+                report.warnings.append(
+                    f"{key}: differs from the served model's {state_key}; PEFT writes it into the shared base model, "
+                    "where only the base model's and other adapters' rows read it (this adapter's rows use its "
+                    "modules_to_save copy); ignored, as the server keeps one adapter's weights to itself")
 
     @staticmethod
     def _pristine_copy(module: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from .conftest import upload
 PROMPT = "Hello adapters"
 
 
-def _with_embeddings(base: torch.nn.Module, out_dir: Path, vocab: int | None = None) -> Path:
-    """A PEFT adapter saved with save_embedding_layers=True: changed embedding rows, or a resized vocabulary."""
+def _with_embeddings(base: torch.nn.Module, out_dir: Path, vocab: int | None = None, **config) -> Path:
+    """A PEFT adapter saved with save_embedding_layers=True: changed embedding rows, or a resized vocabulary.
+    `config` adds LoraConfig fields (e.g. modules_to_save)."""
     model = copy.deepcopy(base)
     if vocab is not None:
         model.resize_token_embeddings(vocab, mean_resizing=False)
@@ -28,7 +30,8 @@ def _with_embeddings(base: torch.nn.Module, out_dir: Path, vocab: int | None = N
             emb[10:40] = torch.randn(emb[10:40].shape, generator=gen)
     with torch.random.fork_rng():
         torch.manual_seed(7)
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      **config))
     with torch.no_grad():
         for _, p in sorted(peft_model.named_parameters()):
             if p.requires_grad:
@@ -82,6 +85,43 @@ def test_resized_vocabulary_is_a_422_naming_both_sizes(server, base_model, tmp_p
     assert f"{vocab + 32} tokens" in line and f"has {vocab}" in line and "Serve a base model" in line
     assert "unexpected key" not in error["message"] and "vocabulary" in error["message"]
     assert server.client.get("/adapters").json()["adapters"] == []
+
+
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+def test_modules_to_save_embedding_with_saved_embeddings_is_served_as_peft(server, base_model, tokenizer, adapters,
+                                                                           tmp_path, module) -> None:
+    """Issue 16.4: the file also holds `{m}.modules_to_save.weight` and `{m}.original_module.weight`."""
+    adapter = _with_embeddings(base_model, tmp_path / "mts", modules_to_save=[module])
+    c = server.client
+    r = upload(c, adapter, "mts")
+    assert r.status_code == 201, r.text
+    assert upload(c, adapters["alpha"], "alpha").status_code == 201
+    oracle = PeftGreedy(base_model, tokenizer, {"mts": adapter, "alpha": adapters["alpha"]})
+    assert oracle.tokens("mts", PROMPT, 12) != oracle.tokens(None, PROMPT, 12)
+    # one batch mixing the adapter with another and the base; prompts of one token length (no padding)
+    jobs = [(a, p) for a in ("mts", "alpha", None) for p in ("abcd", "wxyz")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: c.post("/generate", json={
+            "prompt": job[1], "max_new_tokens": 10, **({"adapter_id": job[0]} if job[0] else {})}), jobs))
+    for (name, prompt), res in zip(jobs, results, strict=True):
+        assert res.status_code == 200, res.text
+        assert res.json()["token_ids"] == oracle.tokens(name, prompt, 10), (name, prompt)
+
+    alpha_bytes = c.get("/adapters/alpha").json()["resident_bytes"]
+    assert c.delete("/adapters/mts").status_code == 200
+    assert c.get("/health").json()["adapter_bytes"] == alpha_bytes
+
+
+def test_modules_to_save_embedding_on_a_resized_vocabulary_is_a_422_naming_both_sizes(server, base_model,
+                                                                                      tmp_path) -> None:
+    vocab = base_model.get_input_embeddings().weight.shape[0]
+    adapter = _with_embeddings(base_model, tmp_path / "resized", vocab=vocab + 32, modules_to_save=["lm_head"])
+    r = upload(server.client, adapter, "resized")
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    [line] = [p for p in error["details"]["problems"] if "vocabulary" in p]
+    assert f"{vocab + 32} tokens" in line and f"has {vocab}" in line
+    assert not any(p.startswith(("unexpected key", "shape mismatch")) for p in error["details"]["problems"])
 
 
 def test_upload_warns_about_another_base_model(server, adapters, tmp_path) -> None:
