@@ -35,6 +35,11 @@ POINTS = (
     "delete.in_trash",        # adapter directory renamed into .trash/, not yet removed
 )
 
+# Store steps crashed at by the store's own tests (tests/test_store.py), not through a server request.
+STORE_POINTS = (
+    "replace.old_moved",      # a replace moved the old directory into .trash/, the new one not yet in place
+)
+
 # Failpoints of the Ray Serve deployment (not store crash points, so not in POINTS).
 REPLICA_POINTS = (
     "replica.loading",        # a model replica has built an adapter from the shared store, not yet attached
@@ -44,8 +49,8 @@ log = logging.getLogger(__name__)
 
 _armed = os.environ.get(ENV_VAR) or None
 _arm_file = os.environ.get(ARM_FILE_VAR) or None
-if _armed is not None and _armed not in (*POINTS, *REPLICA_POINTS):
-    known = ", ".join((*POINTS, *REPLICA_POINTS))
+if _armed is not None and _armed not in (*POINTS, *STORE_POINTS, *REPLICA_POINTS):
+    known = ", ".join((*POINTS, *STORE_POINTS, *REPLICA_POINTS))
     raise ValueError(f"{ENV_VAR}={_armed!r} is not a failpoint; known: {known}")
 
 

@@ -4,7 +4,8 @@ Layout under the root:
     <id>/adapter_config.json, <id>/adapter_model.safetensors, <id>/manifest.json
     <id>/unloaded  (present: kept but not served, see `set_served`: vLLM's unload_lora_adapter)
     .staging/   uploads being received (same filesystem, so commit is a single rename)
-    .trash/     adapters being deleted (renamed here first, so a crash never leaves a half-deleted one)
+    .trash/     adapters being deleted (renamed here first, so a crash never leaves a half-deleted one), and
+                `<id>+replaced-<hex>`: the old files of a `replace` (put back at start-up if `<id>` is missing)
     active.json {"active": id | null}
     .lock       held by the one process that writes the store (service/store_lock.py)
 
@@ -45,6 +46,7 @@ MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "active.json"
 UNLOADED_FILE = "unloaded"  # marker: the adapter's files are kept, but it is not served (nor restored)
 MANIFEST_VERSION = 1
+REPLACED_MARK = "+replaced-"  # in .trash/: `<id>+replaced-<hex>` ('+' is never in an id)
 
 
 def validate_adapter_id(adapter_id: str) -> str:
@@ -158,7 +160,9 @@ class AdapterStore:
         weakref.finalize(self, self._process_lock.release_soon)  # a store dropped without close() lets go too
         for folder in (self.staging, self.trash):
             folder.mkdir(exist_ok=True)
-        # Crash recovery: whatever is left in staging or trash belongs to no live operation of this store.
+        # Crash recovery: whatever is left in staging or trash belongs to no live operation of this store,
+        # except the old files of a replace that crashed between its two renames: they go back in place.
+        self._restore_replaced()
         for folder in (self.staging, self.trash):
             for entry in folder.iterdir():
                 logger.info("removing leftover %s", entry)
@@ -209,27 +213,12 @@ class AdapterStore:
         """
         validate_adapter_id(adapter_id)
         target = self.root / adapter_id
-        record = StoredAdapter(
-            id=adapter_id,
-            path=target,
-            sha256=staged.sha256,
-            size_bytes=staged.size_bytes,
-            config_sha256=staged.config_sha256,
-            config_size_bytes=staged.config_size_bytes,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            config=dict(config_summary),
-        )
-        manifest = staged.path / MANIFEST_FILE
         with self._lock:
             if target.exists():
                 raise AdapterExistsError(adapter_id)
-            data = {"manifest_version": MANIFEST_VERSION, **record.to_dict()}
-            manifest.write_text(json.dumps(data, indent=2))
             # Data must be durable before the rename publishes the directory: each file, and the directory's
             # own entries (without them a crash could leave a published directory missing a file).
-            for name in (*ACCEPTED_NAMES, MANIFEST_FILE):
-                _fsync_path(staged.path / name)
-            _fsync_path(staged.path)
+            record, manifest = self._write_manifest(adapter_id, staged, config_summary)
             failpoint("commit.before_rename")
             try:
                 # Fails on a non-empty target, so a concurrent commit of the same id cannot be overwritten.
@@ -248,6 +237,63 @@ class AdapterStore:
             failpoint("commit.after_rename")
         logger.info("stored adapter %s (%d bytes)", adapter_id, record.size_bytes)
         return record
+
+    def replace(self, adapter_id: str, staged: StagedAdapter, config_summary: dict[str, Any]) -> StoredAdapter:
+        """Put a staged upload in place of the stored adapter `adapter_id` (served from now on; the active
+        pointer stays). Two renames under the lock: the old directory into `.trash/`, the staged one into
+        place; an error between or after them renames both back, and a crash between them is undone at the
+        next start (`_restore_replaced`). AdapterNotFoundError if nothing is stored under the id.
+        """
+        validate_adapter_id(adapter_id)
+        target = self.root / adapter_id
+        with self._lock:
+            if not (target / MANIFEST_FILE).is_file():
+                raise AdapterNotFoundError(adapter_id)
+            record, manifest = self._write_manifest(adapter_id, staged, config_summary)
+            old = self.trash / f"{adapter_id}{REPLACED_MARK}{secrets.token_hex(4)}"
+            os.rename(target, old)
+            try:
+                failpoint("replace.old_moved")
+                os.rename(staged.path, target)
+                try:
+                    _fsync_path(self.root)
+                    _fsync_path(self.trash)
+                except BaseException:
+                    _undo_rename(target, staged.path)
+                    raise
+            except BaseException:  # an error means "not replaced": the old files go back
+                _undo_rename(old, target)
+                manifest.unlink(missing_ok=True)
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("replaced adapter %s (%d bytes)", adapter_id, record.size_bytes)
+        return record
+
+    def _write_manifest(self, adapter_id: str, staged: StagedAdapter,
+                        config_summary: dict[str, Any]) -> tuple[StoredAdapter, Path]:
+        """The record for `staged` under `adapter_id`, its manifest written and everything fsynced (call with
+        the lock held, before a rename publishes the directory)."""
+        record = StoredAdapter(
+            id=adapter_id, path=self.root / adapter_id, sha256=staged.sha256, size_bytes=staged.size_bytes,
+            config_sha256=staged.config_sha256, config_size_bytes=staged.config_size_bytes,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"), config=dict(config_summary),
+        )
+        manifest = staged.path / MANIFEST_FILE
+        manifest.write_text(json.dumps({"manifest_version": MANIFEST_VERSION, **record.to_dict()}, indent=2))
+        for name in (*ACCEPTED_NAMES, MANIFEST_FILE):
+            _fsync_path(staged.path / name)
+        _fsync_path(staged.path)
+        return record, manifest
+
+    def _restore_replaced(self) -> None:
+        """Put back the old files of a replace that crashed after moving them aside but before the new ones
+        were in place (the id is missing); any other leftover of a replace is just trash."""
+        for entry in sorted(self.trash.iterdir()):
+            adapter_id, mark, _ = entry.name.partition(REPLACED_MARK)
+            if mark and entry.is_dir() and not entry.is_symlink() and not (self.root / adapter_id).exists():
+                logger.warning("a replace of adapter %s was interrupted; restoring its previous files", adapter_id)
+                os.rename(entry, self.root / adapter_id)
+                _fsync_path(self.root)
 
     # ----- lookups and deletion -----
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -304,6 +306,60 @@ def test_unloaded_marker_keeps_the_files(store: AdapterStore) -> None:
     assert tree(store.root / "existing") == files and store.get("existing").served
     with pytest.raises(AdapterNotFoundError):
         store.set_served("missing", False)
+
+
+def test_replace_swaps_the_files_and_keeps_the_pointer(store: AdapterStore) -> None:
+    old = store.get("existing")
+    store.set_served("existing", False)  # a replace takes over an unloaded adapter's files too
+    store.set_active(None)
+    store.set_served("existing", True)
+    store.set_active("existing")
+    new = store.replace("existing", store.stage_files(two_files(seed=4), MAX), {"r": 2})
+    assert new.sha256 != old.sha256 and store.get("existing").sha256 == new.sha256 and new.config == {"r": 2}
+    assert store.get_active() == "existing" and store.get("existing").served
+    assert [a.id for a in store.scan()[0]] == ["existing"] and store.scan()[1] == []
+    assert not any(store.trash.iterdir()) and not any(store.staging.iterdir())
+    with pytest.raises(AdapterNotFoundError):
+        store.replace("missing", store.stage_files(two_files(), MAX), SUMMARY)
+
+
+def test_replace_that_fails_between_its_renames_keeps_the_old_files(store: AdapterStore, monkeypatch) -> None:
+    import service.store as store_module
+
+    before = tree(store.root / "existing")
+    staged = store.stage_files(two_files(seed=4), MAX)
+
+    def fail(name: str) -> None:
+        if name == "replace.old_moved":
+            raise OSError("disk went away")
+
+    monkeypatch.setattr(store_module, "failpoint", fail)
+    with pytest.raises(OSError, match="went away"):
+        store.replace("existing", staged, SUMMARY)
+    assert tree(store.root / "existing") == before and store.get_active() == "existing"
+    assert not any(store.trash.iterdir())
+    assert sorted(p.name for p in staged.path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_crash_between_the_renames_of_a_replace_restores_the_old_files(store: AdapterStore) -> None:
+    """SIGKILL after the old directory went into .trash/: the next start puts it back."""
+    import subprocess
+    import sys
+
+    before = tree(store.root / "existing")
+    root = store.root
+    store.close()  # the child process takes the store's lock
+    code = ("import io, sys; from service.store import AdapterStore; from tests.test_store import two_files, MAX; "
+            "s = AdapterStore(__import__('pathlib').Path(sys.argv[1])); "
+            "s.replace('existing', s.stage_files(two_files(seed=4), MAX), {})")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "SERVICE_FAILPOINT": "replace.old_moved"}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert not (root / "existing").exists() and any((root / ".trash").iterdir()), "crashed between the renames"
+    reopened = AdapterStore(root)
+    assert tree(root / "existing") == before and reopened.get_active() == "existing"
+    assert not any(reopened.trash.iterdir()) and not any(reopened.staging.iterdir())
+    reopened.close()
 
 
 def test_scan_reports_corrupt_entries(store: AdapterStore) -> None:
