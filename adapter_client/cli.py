@@ -225,7 +225,8 @@ def _list(client: AdapterServiceClient, args: argparse.Namespace) -> None:
         return
     rows = [("ID", "TYPE", "RANK", "ALPHA", "TARGETS", "RESIDENT", "ACTIVE", "CREATED")]
     rows += [(a.id, a.type, str(a.rank), f"{a.alpha:g}", _targets(a),
-              format_bytes(a.resident_bytes) if a.resident else "-", "*" if a.active else "", a.created_at)
+              "unloaded" if not a.served else format_bytes(a.resident_bytes) if a.resident else "-",
+              "*" if a.active else "", a.created_at)
              for a in listing.adapters]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -54,6 +54,7 @@ class AdapterInfo:
     created_at: str
     resident: bool = False
     load_ms: float | None = None
+    served: bool = True  # False: unloaded (files kept on the server, not served)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

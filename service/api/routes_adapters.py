@@ -94,7 +94,7 @@ async def merge_adapters(body: MergeRequest, service: Svc) -> AdapterInfo:
 
 @router.get("", response_model=AdapterList, dependencies=READ)
 async def list_adapters(service: Svc) -> AdapterList:
-    """Every adapter and the active one."""
+    """Every adapter (unloaded ones too, with `served` false) and the active one."""
     listing = await service.list()
     return AdapterList(adapters=[adapter_info(v) for v in listing.adapters], active=listing.active)
 

@@ -30,13 +30,14 @@ def _adapter_for(service: AdapterService, model: str) -> str:
 
 @router.get("/models")
 async def list_models(service: Svc) -> dict:
-    """The base model and every adapter."""
+    """The base model and every served adapter (not the unloaded ones)."""
     listing = await service.list()
     created = int(time.time())
     base = {"id": service.model_name, "object": "model", "created": created, "owned_by": "adapter-service",
             "root": service.model_name, "parent": None}
     adapters = [{"id": view.id, "object": "model", "created": created, "owned_by": "adapter-service",
-                 "root": service.model_name, "parent": service.model_name} for view in listing.adapters]
+                 "root": service.model_name, "parent": service.model_name} for view in listing.adapters
+                if view.served]
     return {"object": "list", "data": [base, *adapters]}
 
 

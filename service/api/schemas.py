@@ -103,6 +103,8 @@ class AdapterInfo(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="the load report's warnings: served, but worth "
                                 "a look (e.g. another base model named in the config, absurdly large weights)")
     usage: AdapterUsageInfo | None = Field(default=None, description="what the adapter has served")
+    served: bool = Field(default=True, description="false: unloaded (/v1/unload_lora_adapter): its files are "
+                         "kept, requests naming it get 404; new files under its id replace them")
 
 
 class AdapterList(BaseModel):

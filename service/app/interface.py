@@ -55,6 +55,7 @@ class AdapterView:
     load_ms: float | None
     warnings: list[str] = field(default_factory=list)  # the load report's warnings (served, but worth a look)
     usage: AdapterUsage | None = None  # a snapshot; None where the service keeps none
+    served: bool = True  # False: unloaded (vLLM's unload_lora_adapter): files kept, requests naming it get 404
 
 
 @dataclass(frozen=True)

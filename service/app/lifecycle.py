@@ -4,6 +4,13 @@ Create (upload, server path, merge): stage -> prepare (validate, build tensors o
 attach (engine thread) -> commit (one atomic rename in the store) -> register. A failure at any step undoes
 the earlier ones: nothing is left in the store, the model or the registry.
 
+Create under the id of an unloaded adapter (files kept, not served) replaces those files in the store.
+
+Replace (vLLM's load_inplace): stage -> prepare (the old version serves meanwhile; an invalid new one
+changes nothing) -> close the id's gate (new requests wait, no 404) -> wait for the old version's leases
+-> store replace (can fail: the old version serves on) -> swap old for new in the model in one engine
+call -> open the gate. So every request runs wholly on the old version or wholly on the new one.
+
 Delete: hide (new requests 404) -> wait for leases -> store delete (the one step that can fail; undone by
 unhiding) -> detach from the model -> unregister. Unload is the same with the store step "mark not served"
 (files kept; not restored at start-up). Activate/deactivate: engine switch -> store pointer; a
@@ -16,17 +23,20 @@ Lock discipline: event loop thread only; `_activation` serialises activations so
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from contextlib import suppress
 
 from ..engine import Engine
+from ..errors import AdapterNotFoundError
 from ..failpoints import failpoint
 from ..memory import release_free_memory
 from ..metrics import ServiceMetrics
 from ..runtime import AdapterRuntime, LoadedAdapter
-from ..store import AdapterStore, StagedAdapter
+from ..runtime.adapter_types.base import NotMergeableError
+from ..store import AdapterStore, StagedAdapter, StoredAdapter
 from .registry import AdapterRecord, AdapterRegistry
 from .residency import Residency
 from .storage_errors import storage_errors
@@ -47,6 +57,8 @@ class Lifecycle:
         self.active: str | None = None
         self.fused = False  # the active adapter runs from merged weights (see runtime.fuse)
         self._activation = asyncio.Lock()
+        # Adapter id -> an event set when its replace ends; requests for that id wait for it (`replaced`).
+        self.replacing: dict[str, asyncio.Event] = {}
 
     # ---- start-up ----------------------------------------------------------------------------------------
 
@@ -56,9 +68,10 @@ class Lifecycle:
         stored, corrupt = self.store.scan()
         for entry in corrupt:
             log.error("skipping corrupt store entry %s: %s", entry.id, entry.reason)
-        unloaded = [item.id for item in stored if not item.served]
-        if unloaded:
-            log.info("not serving %d unloaded adapter(s) kept in the store: %s", len(unloaded), ", ".join(unloaded))
+        self.registry.unloaded = {item.id: item for item in stored if not item.served}
+        if self.registry.unloaded:
+            log.info("not serving %d unloaded adapter(s) kept in the store: %s", len(self.registry.unloaded),
+                     ", ".join(self.registry.unloaded))
         stored = [item for item in stored if item.served]
         active = self.store.get_active()
         for item in sorted(stored, key=lambda s: (s.id != active, s.created_at)):
@@ -97,10 +110,10 @@ class Lifecycle:
             async def commit(loaded: LoadedAdapter) -> None:
                 nonlocal record, staged
                 failpoint("upload.attached")
-                summary = {**loaded.config.summary(), "rank": loaded.rank, "warnings": list(loaded.report.warnings)}
                 with storage_errors():
-                    stored = await asyncio.to_thread(self.store.commit, adapter_id, staged, summary)
+                    stored = await asyncio.to_thread(self._commit, adapter_id, staged, _summary(loaded))
                 staged = None
+                self.registry.unloaded.pop(adapter_id, None)
                 record = AdapterRecord(stored, loaded, time.monotonic(), (time.perf_counter() - start) * 1000)
                 self.registry.add(record)  # resident from here on, before the slot is given back
 
@@ -109,6 +122,66 @@ class Lifecycle:
             self.residency.counted_load(record)
             log.info("adapter %s loaded (%d bytes resident, %.1f ms)", adapter_id, record.resident_bytes,
                      record.load_ms)
+            return record
+        finally:
+            if staged is not None:
+                await asyncio.to_thread(staged.discard)
+
+    def _commit(self, adapter_id: str, staged: StagedAdapter, summary: dict) -> StoredAdapter:
+        """Store a new adapter; under the id of an unloaded one, its kept files are replaced (store thread)."""
+        if adapter_id in self.registry.unloaded:
+            try:
+                return self.store.replace(adapter_id, staged, summary)
+            except AdapterNotFoundError:  # its files were deleted meanwhile: a plain commit then
+                pass
+        return self.store.commit(adapter_id, staged, summary)
+
+    # ---- replace -----------------------------------------------------------------------------------------
+
+    async def replaced(self, adapter_id: str | None) -> None:
+        """Return once no replace of the adapter is under way (without suspending when none is)."""
+        while adapter_id is not None and (event := self.replacing.get(adapter_id)) is not None:
+            await event.wait()
+
+    async def replace(self, adapter_id: str, stage: Callable[[], StagedAdapter]) -> AdapterRecord:
+        """Serve new files under a served adapter's id; requests see the old version until the new one is
+        committed, then the new one (see the module docstring). The same files are a no-op."""
+        self.registry.get(adapter_id)  # 404 before any staging
+        staged = None
+        try:
+            with storage_errors():
+                staged = await asyncio.to_thread(stage)
+            record = self.registry.get(adapter_id)
+            if (record.stored.sha256, record.stored.config_sha256) == (staged.sha256, staged.config_sha256):
+                return record
+            start = time.perf_counter()
+            prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
+            await self.replaced(adapter_id)  # one replace of an id at a time: the later one wins
+            done = self.replacing[adapter_id] = asyncio.Event()
+            try:
+                while self.residency.in_use(adapter_id):  # the old version's requests finish on it
+                    await self.residency.wait_unused(adapter_id)
+                async with self._activation, self.residency.load_lock(adapter_id):
+                    record = self.registry.get(adapter_id)  # a delete under way hides it: 404
+                    fused = self.fused and self.active == adapter_id
+                    blocker = prepared.merge_blocker() if fused else None
+                    if blocker is not None:
+                        raise NotMergeableError(f"adapter '{adapter_id}' is active and fused, and its new version "
+                                                f"cannot be fused: {blocker}", {"adapter_id": adapter_id})
+                    with storage_errors():
+                        stored = await asyncio.to_thread(self.store.replace, adapter_id, staged, _summary(prepared))
+                    staged = None
+                    record.stored = stored
+                    if record.loaded is not None:  # else (evicted) the new files load on first use
+                        await self.engine.call(lambda rt: _swap(rt, prepared))
+                        record.loaded = prepared
+                        record.load_ms = (time.perf_counter() - start) * 1000
+                        self.residency.counted_load(record)
+            finally:
+                del self.replacing[adapter_id]
+                done.set()
+            await asyncio.to_thread(release_free_memory)  # the old version's tensors are gone
+            log.info("adapter %s replaced in place (%d bytes resident)", adapter_id, record.resident_bytes)
             return record
         finally:
             if staged is not None:
@@ -138,6 +211,8 @@ class Lifecycle:
             raise
         freed = await self.residency.detach(record)
         self.registry.remove(adapter_id)
+        if keep_files:
+            self.registry.unloaded[adapter_id] = dataclasses.replace(record.stored, served=False)
         self.residency.forget(adapter_id)
         self.metrics.delete_seconds.observe(time.perf_counter() - start)
         self.metrics.forget_adapter(adapter_id)
@@ -172,6 +247,24 @@ class Lifecycle:
                 await self.engine.call(lambda rt: _switch(rt, *previous))
             raise
         self.active, self.fused = adapter_id, fuse and adapter_id is not None
+
+
+def _summary(loaded: LoadedAdapter) -> dict:
+    """What the store's manifest keeps of a loaded adapter (shown while it is not resident)."""
+    return {**loaded.config.summary(), "rank": loaded.rank, "warnings": list(loaded.report.warnings)}
+
+
+def _swap(rt: AdapterRuntime, new: LoadedAdapter) -> None:
+    """Put a prepared adapter in place of the attached one of the same id, keeping it active and fused as the
+    old one was (on the engine thread, between forward steps; nothing here fails for a prepared adapter)."""
+    adapter_id = new.adapter_id
+    active, fused = rt.active == adapter_id, rt.fused == adapter_id
+    rt.delete(adapter_id)
+    rt.attach(new)
+    if active:
+        rt.activate(adapter_id)
+    if fused:
+        rt.fuse(adapter_id)
 
 
 def _switch(rt: AdapterRuntime, adapter_id: str | None, fuse: bool) -> None:

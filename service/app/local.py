@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from ..cpu import configure_threads
 from ..engine import Engine, GenerationRequest
-from ..errors import AdapterExistsError, InvalidMergeError, ServiceError
+from ..errors import AdapterExistsError, InvalidMergeError
 from ..failpoints import failpoint
 from ..memory import configure_allocator
 from ..merging import MergeSpec, merge
@@ -30,7 +30,7 @@ from ..store import AdapterStore, StagedAdapter
 from .admission import Admission
 from .interface import BASE, Activation, AdapterView, Deletion, Export, Generation, GenerationInput, Health, Listing
 from .lifecycle import Lifecycle
-from .registry import AdapterRecord, AdapterRegistry, record_view
+from .registry import AdapterRecord, AdapterRegistry, record_view, unloaded_view
 from .residency import Residency
 from .sources import SourceRegistry
 from .storage_errors import storage_errors
@@ -52,7 +52,7 @@ class LocalAdapterService:
         self.metrics = metrics or ServiceMetrics()
         self.registry = AdapterRegistry(settings.max_adapters, {base.name})
         self.residency = Residency(self.registry, engine, settings.max_resident_adapters, self.metrics,
-                                   pinned=self._fused_active)
+                                   pinned=self._pinned)
         self.lifecycle = Lifecycle(self.registry, self.residency, store, engine, self.metrics)
         self.admission = Admission(engine, self.residency, settings)
         self.sources = SourceRegistry.from_settings(settings)
@@ -77,9 +77,10 @@ class LocalAdapterService:
         service.metrics.bind_prefix_cache(lambda: engine.prefix_cache_stats)
         return service
 
-    def _fused_active(self, adapter_id: str) -> bool:
-        """The fused active adapter is never evicted (its merged copies would be rebuilt on every load)."""
-        return self.lifecycle.fused and adapter_id == self.lifecycle.active
+    def _pinned(self, adapter_id: str) -> bool:
+        """Never evicted: the fused active adapter (its merged copies would be rebuilt on every load), and one
+        being replaced in place (its swap expects it attached)."""
+        return (self.lifecycle.fused and adapter_id == self.lifecycle.active) or adapter_id in self.lifecycle.replacing
 
     def start(self) -> None:
         self.engine.start()
@@ -101,10 +102,16 @@ class LocalAdapterService:
         return record_view(record, self.lifecycle.active)
 
     async def get(self, adapter_id: str) -> AdapterView:
+        unloaded = self.registry.unloaded.get(adapter_id)
+        if unloaded is not None and adapter_id not in self.registry.records:
+            return unloaded_view(unloaded)
         return self._view(self.registry.get(adapter_id))
 
     async def list(self) -> Listing:
-        return Listing([self._view(r) for r in self.registry.visible()], self.lifecycle.active)
+        """Served adapters and unloaded ones (`served` false), oldest first."""
+        views = [self._view(r) for r in self.registry.visible()]
+        views += [unloaded_view(s) for i, s in self.registry.unloaded.items() if i not in self.registry.records]
+        return Listing(sorted(views, key=lambda v: (v.created_at, v.id)), self.lifecycle.active)
 
     async def health(self) -> Health:
         records = self.registry.visible()
@@ -124,29 +131,11 @@ class LocalAdapterService:
         def stage() -> StagedAdapter:
             return self.sources.stage(self.store, source, self.settings.max_upload_bytes)
 
-        served = adapter_id is not None and adapter_id in self.registry.records
-        if served and not replace:
-            raise AdapterExistsError(adapter_id)
-        if adapter_id is None or not (served or await asyncio.to_thread(self._unloaded, adapter_id)):
-            return await self._create(adapter_id, stage)
-        # Taking over an id: a served adapter (load_inplace) or the files an unload kept.
-        with storage_errors():
-            staged = await asyncio.to_thread(stage)
-        try:
-            if served:
-                stored = self.registry.get(adapter_id).stored
-                if (stored.sha256, stored.config_sha256) == (staged.sha256, staged.config_sha256):
-                    return await self.get(adapter_id)  # the same files: nothing to do
-            # Validated before the old adapter goes: a bad replacement changes nothing.
-            await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, staged.path)
-            if served:
-                await self.lifecycle.delete(adapter_id)
-            else:
-                with storage_errors():
-                    await asyncio.to_thread(self.store.delete, adapter_id)
-            return await self._create(adapter_id, lambda: staged)
-        finally:
-            await asyncio.to_thread(staged.discard)  # a no-op once committed
+        if adapter_id is not None and adapter_id in self.registry.records:
+            if not replace:
+                raise AdapterExistsError(adapter_id)
+            return self._view(await self.lifecycle.replace(adapter_id, stage))
+        return await self._create(adapter_id, stage)  # an unloaded adapter's kept files are replaced
 
     async def _create(self, adapter_id: str | None, stage: Callable[[], StagedAdapter]) -> AdapterView:
         adapter_id = self.registry.reserve(adapter_id)
@@ -155,13 +144,6 @@ class LocalAdapterService:
         finally:
             self.registry.release(adapter_id)
         return self._view(record)
-
-    def _unloaded(self, adapter_id: str) -> bool:
-        """Whether the store keeps this adapter's files unloaded (not served)."""
-        try:
-            return self.store.exists(adapter_id) and not self.store.get(adapter_id).served
-        except ServiceError:
-            return False
 
     async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:
         if not sources:
@@ -189,9 +171,10 @@ class LocalAdapterService:
         return Activation(None)
 
     async def delete(self, adapter_id: str) -> Deletion:
-        if adapter_id not in self.registry.records and await asyncio.to_thread(self._unloaded, adapter_id):
+        if adapter_id not in self.registry.records and adapter_id in self.registry.unloaded:
             with storage_errors():  # unloaded: only its files are left
                 await asyncio.to_thread(self.store.delete, adapter_id)
+            self.registry.unloaded.pop(adapter_id, None)
             return Deletion(adapter_id, 0)
         return Deletion(adapter_id, await self.lifecycle.delete(adapter_id))
 
@@ -203,12 +186,14 @@ class LocalAdapterService:
     async def _tensors(self, held: AsyncExitStack, adapter_id: str) -> LoadedAdapter:
         """The adapter's tensors, leased in `held`: the resident copy, or one built from the store (not
         attached). The lease keeps eviction and delete away until `held` closes."""
+        await self.lifecycle.replaced(adapter_id)
         record = await held.enter_async_context(self.residency.lease(adapter_id))
         if record.loaded is not None:
             return record.loaded
         return await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
 
     async def download(self, adapter_id: str) -> Path:
+        await self.lifecycle.replaced(adapter_id)
         async with self.residency.lease(adapter_id) as record:
             with storage_errors():
                 return await asyncio.to_thread(self.store.zip_copy, record.stored)
@@ -237,6 +222,9 @@ class LocalAdapterService:
     async def generate(self, request: GenerationInput) -> Generation:
         adapter_id = self._resolve(request.adapter)
         ids = await self.admission.tokenize(request)
+        # An in-place replace of the adapter under way: wait for the new version. From here to the lease taken
+        # in admission.start nothing suspends, so no lease can start while a replace swaps the weights.
+        await self.lifecycle.replaced(adapter_id)
         # Looked up before the row starts: once started, nothing here may raise (the events would never be
         # closed: the row would run on, uncancelled, and its lease would never end).
         usage = self.registry.get(adapter_id).usage if adapter_id is not None else None

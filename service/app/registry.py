@@ -43,7 +43,7 @@ class AdapterRecord:
 
 def adapter_view(
     summary: dict[str, Any], *, adapter_id: str, sha256: str, created_at: str, active: bool, resident: bool,
-    resident_bytes: int, load_ms: float | None, usage: AdapterUsage | None = None,
+    resident_bytes: int, load_ms: float | None, usage: AdapterUsage | None = None, served: bool = True,
 ) -> AdapterView:
     """The client's view of an adapter from its config summary (serve and the Ray ingress alike)."""
     return AdapterView(
@@ -52,7 +52,7 @@ def adapter_view(
         alpha=float(summary.get("lora_alpha", summary.get("alpha", 0)) or 0),
         target_modules=summary.get("target_modules"), modules_to_save=summary.get("modules_to_save") or [],
         resident_bytes=resident_bytes, sha256=sha256, active=active, created_at=created_at, resident=resident,
-        load_ms=load_ms, warnings=list(summary.get("warnings") or []), usage=usage,
+        load_ms=load_ms, warnings=list(summary.get("warnings") or []), usage=usage, served=served,
     )
 
 
@@ -64,6 +64,12 @@ def record_view(record: AdapterRecord, active: str | None) -> AdapterView:
     )
 
 
+def unloaded_view(stored: StoredAdapter) -> AdapterView:
+    """An unloaded adapter: its files are kept, nothing of it is in memory, requests naming it get 404."""
+    return adapter_view(stored.config, adapter_id=stored.id, sha256=stored.sha256, created_at=stored.created_at,
+                        active=False, resident=False, resident_bytes=0, load_ms=None, served=False)
+
+
 def claim_adapter_id(adapter_id: str | None, reserved_names: set[str]) -> str:
     """A valid id for a new adapter (generated when absent); names that mean the base model are refused."""
     adapter_id = validate_adapter_id(adapter_id if adapter_id is not None else new_adapter_id())
@@ -73,7 +79,8 @@ def claim_adapter_id(adapter_id: str | None, reserved_names: set[str]) -> str:
 
 
 class AdapterRegistry:
-    """The registered adapters, ids reserved by uploads and merges in progress, and ids being deleted (hidden)."""
+    """The registered adapters, ids reserved by uploads and merges in progress, ids being deleted (hidden), and
+    the unloaded adapters whose files the store keeps (not served, not counted against `max_adapters`)."""
 
     def __init__(self, max_adapters: int, base_names: set[str]) -> None:
         self.max_adapters = max_adapters
@@ -81,6 +88,7 @@ class AdapterRegistry:
         self.records: dict[str, AdapterRecord] = {}
         self._reserved: set[str] = set()
         self._hidden: set[str] = set()
+        self.unloaded: dict[str, StoredAdapter] = {}
 
     def visible(self) -> list[AdapterRecord]:
         records = [r for r in self.records.values() if r.id not in self._hidden]

@@ -90,7 +90,7 @@ def test_vllm_load_and_unload(ops_server, lora_root, tmp_path, adapters) -> None
     r = c.post("/v1/load_lora_adapter", json={"lora_name": "alpha", "lora_path": str(lora_root / "alpha")})
     assert r.status_code == 400, "vLLM: an adapter already loaded is a 400"
     assert c.post("/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 200
-    assert c.get("/adapters").json()["adapters"] == []
+    assert [(a["id"], a["served"]) for a in c.get("/adapters").json()["adapters"]] == [("alpha", False)]
     assert c.post("/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 404
 
 

@@ -87,14 +87,14 @@ function render(listing) {
     cell(row, String(a.rank), "num");
     cell(row, targets).title = full.join(", ");
     cell(row, formatBytes(a.resident_bytes), "num");
-    cell(row, a.resident ? "yes" : "no");
+    cell(row, a.served === false ? "unloaded" : a.resident ? "yes" : "no");
     cell(row, a.active ? "active" : "");
     cell(row, usage.requests == null ? "–" : String(usage.requests), "num");
     cell(row, usage.requests == null ? "–" : usage.prompt_tokens + " / " + usage.completion_tokens, "num");
     cell(row, usage.last_used ? new Date(usage.last_used).toLocaleString() : "never");
     cell(row, usage.loads == null ? "–" : usage.loads + " / " + usage.evictions, "num");
     const actions = cell(row, "", "actions");
-    if (!a.active) actions.append(button("Activate", () => activate(a.id), "activate"));
+    if (!a.active && a.served !== false) actions.append(button("Activate", () => activate(a.id), "activate"));
     actions.append(button("Delete", () => remove(a.id), "danger delete"));
   }
   $("empty").hidden = listing.adapters.length > 0;
