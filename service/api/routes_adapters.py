@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -18,6 +19,7 @@ from ..errors import InvalidRequestError
 from ..merging import MergeSpec
 from .auth import require
 from .deps import Svc
+from .disconnect import ClientDisconnected, disconnected_response, unless_disconnected
 from .schemas import ActiveResponse, AdapterInfo, AdapterList, DeleteResponse, MergeRequest, SourceRequest
 from .streaming import ClosingStreamingResponse
 
@@ -29,7 +31,12 @@ READ = [Depends(require("inference"))]
 
 class TemporaryFileResponse(FileResponse):
     """A file sent once and then removed, however the sending ends: a client that disconnects, an error or a
-    cancelled task included (a FileResponse's background task only runs after a complete send)."""
+    cancelled task included (a FileResponse's background task only runs after a complete send), or never
+    sent at all (the response dropped unsent)."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        weakref.finalize(self, Path(path).unlink, True)  # missing_ok: sent and removed already
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -119,9 +126,12 @@ async def deactivate(service: Svc) -> ActiveResponse:
 
 
 @router.get("/{adapter_id}/download", response_class=FileResponse, dependencies=ADMIN)
-async def download_adapter(adapter_id: str, service: Svc) -> FileResponse:
+async def download_adapter(adapter_id: str, request: Request, service: Svc) -> Response:
     """The adapter as a zip in PEFT format (adapter_config.json + adapter_model.safetensors)."""
-    path = await service.download(adapter_id)  # a zip in the store's staging area, removed once sent (or not)
+    try:  # a zip in the store's staging area, removed once sent (or not), or when its client left first
+        path = await unless_disconnected(request, service.download(adapter_id))
+    except ClientDisconnected:
+        return disconnected_response()
     return TemporaryFileResponse(path, media_type="application/zip", filename=f"{adapter_id}.zip")
 
 

@@ -33,6 +33,7 @@ from .lifecycle import Lifecycle
 from .registry import AdapterRecord, AdapterRegistry, record_view, unloaded_view
 from .residency import Residency
 from .sources import SourceRegistry
+from .staged_files import owned_file
 from .storage_errors import storage_errors
 from .usage import MeteredEvents
 
@@ -193,10 +194,11 @@ class LocalAdapterService:
         return await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
 
     async def download(self, adapter_id: str) -> Path:
+        """A zip of the adapter's files in the store's staging area; the caller removes it once sent."""
         await self.lifecycle.replaced(adapter_id)
         async with self.residency.lease(adapter_id) as record:
             with storage_errors():
-                return await asyncio.to_thread(self.store.zip_copy, record.stored)
+                return await owned_file(asyncio.to_thread(self.store.zip_copy, record.stored))
 
     async def export(self, adapter_id: str) -> Export:
         held = AsyncExitStack()

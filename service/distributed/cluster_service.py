@@ -36,6 +36,7 @@ from ..app import (
 )
 from ..app.registry import adapter_view, claim_adapter_id
 from ..app.sources import SourceRegistry
+from ..app.staged_files import owned_file
 from ..app.storage_errors import storage_errors
 from ..app.usage import MeteredEvents
 from ..engine import GenerationResult, TokenEvent, TokenLogprob
@@ -320,7 +321,7 @@ class ClusterAdapterService:
         async with self._lease(adapter_id):
             stored = await asyncio.to_thread(self.store.get, adapter_id)
             with storage_errors():
-                return await asyncio.to_thread(self.store.zip_copy, stored)
+                return await owned_file(asyncio.to_thread(self.store.zip_copy, stored))
 
     async def export(self, adapter_id: str) -> Export:
         """The merged checkpoint's tar, built and streamed by a replica from the stored version."""

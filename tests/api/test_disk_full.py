@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -96,3 +97,47 @@ def test_download_zip_is_removed_when_the_client_leaves(tmp_path) -> None:
     with pytest.raises(OSError):
         asyncio.run(TemporaryFileResponse(path, media_type="application/zip")(scope, receive, send))
     assert not path.exists()
+
+
+def _staged_zips(store: Path) -> list[str]:
+    return sorted(p.name for p in (store / ".staging").iterdir() if p.suffix == ".zip")
+
+
+def _until(condition, what: str, timeout: float = 60) -> None:
+    """Wait (bounded) until `condition()` holds; a poll on a condition, not a sleep for synchronisation."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def test_download_cancelled_while_its_zip_is_written_leaves_no_zip(model_dir, adapters, store) -> None:
+    """The client hangs up while the server is still writing the zip. The weights file in the store is swapped
+    for a FIFO, so the zip's writer blocks on it until the test feeds it: the disconnect lands mid-write, the
+    request is cancelled (499 in the access log), and the zip is removed once the writer is done."""
+    server = ServerProcess(model_dir, store)
+    try:
+        c = server.client
+        assert upload(c, adapters["alpha"], "alpha").status_code == 201
+        weights = store / "alpha" / "adapter_model.safetensors"
+        data = weights.read_bytes()
+        weights.unlink()
+        os.mkfifo(weights)
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(f"GET /adapters/alpha/download HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            _until(lambda: _staged_zips(store), "the zip is being written")
+        # the client is gone: its request is cancelled while the zip is still being written ...
+        server.wait_for_line(lambda line: "GET /adapters/alpha/download -> 499" in line)
+        assert _staged_zips(store), "the writer is still blocked on the FIFO"
+        # ... and the writer finishes afterwards
+        with open(weights, "wb") as fifo:
+            fifo.write(data)
+        _until(lambda: not _staged_zips(store), "the cancelled download's zip is removed")
+        weights.unlink()
+        weights.write_bytes(data)
+        r = c.get("/adapters/alpha/download")
+        assert r.status_code == 200 and r.content[:2] == b"PK"
+        _until(lambda: not _staged_zips(store), "the sent zip is removed")
+    finally:
+        server.stop()
