@@ -162,19 +162,22 @@ class AdapterService(Protocol):
     metrics: ServiceMetrics
 
     async def upload(self, files: list[tuple[str, BinaryIO]], adapter_id: str | None) -> AdapterView:
-        """Validate, load and store an adapter from uploaded files (two PEFT files or one archive)."""
+        """Validate, load and store an adapter from uploaded files (two PEFT files or one archive); under the id of
+        an unloaded adapter, its kept files are replaced."""
         ...
 
     async def load_from_source(self, adapter_id: str | None, source: str, replace: bool = False) -> AdapterView:
         """The same as an upload, from a source location (app/sources: a directory under an allowed root, a hub
         repo, s3://). An id whose files an unload kept is taken over; a served one only with `replace`
-        (vLLM's load_inplace): a no-op when the files are the same, else the new files are validated before
-        the old adapter is removed."""
+        (vLLM's load_inplace): a no-op when the files are the same, else the new files are validated while the
+        old version serves, then swapped in so that each request runs wholly on one version (single process;
+        the Ray cluster still removes the old version first)."""
         ...
 
     async def unload(self, adapter_id: str) -> Deletion:
-        """Stop serving an adapter (vLLM's unload_lora_adapter): freed from memory, unknown to requests and
-        listings, not restored at a restart; its stored files stay until it is loaded again or deleted."""
+        """Stop serving an adapter (vLLM's unload_lora_adapter): freed from memory, unknown to requests, not
+        restored at a restart; its stored files stay until new files replace them or it is deleted (listed
+        with `served` false by the single-process service)."""
         ...
 
     async def merge(self, adapter_id: str | None, sources: list[tuple[str, float]], spec: MergeSpec) -> AdapterView:

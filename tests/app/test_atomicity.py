@@ -1,5 +1,5 @@
 """Every state change is all or nothing: a store step that fails (a full disk, an I/O error) during an upload,
-merge, activation (fused or not), deactivation or delete leaves everything exactly as it was: the listing, the
+merge, activation (fused or not), deactivation, delete or in-place replace leaves everything exactly as it was: the listing, the
 active and fused adapter in the service, the runtime and the store, /health, the store's files and the tokens
 each adapter generates.
 
@@ -134,6 +134,7 @@ STEPS = {
     "store.stage_files": lambda f, store: f.install(store, "stage_files"),
     "store.stage_directory": lambda f, store: f.install(store, "stage_directory"),
     "store.commit": lambda f, store: f.install(store, "commit"),
+    "store.replace": lambda f, store: f.install(store, "replace"),
     "store.set_active": lambda f, store: f.install(store, "set_active"),
     "store._write_active": lambda f, store: f.install(store, "_write_active"),
     "store.delete": lambda f, store: f.install(store, "delete"),
@@ -170,6 +171,9 @@ def operations(demo_adapters: dict[str, Path]) -> dict[str, Any]:
         "deactivate": lambda s: s.deactivate(),
         "delete the active": lambda s: s.delete("a"),
         "delete another": lambda s: s.delete("b"),
+        # vLLM's load_inplace: the active adapter's files and weights replaced by c's
+        "replace the active": lambda s: s.lifecycle.replace(
+            "a", lambda: s.store.stage_files(upload_files(demo_adapters["c"]), 1 << 30)),
     }
 
 
@@ -195,6 +199,10 @@ CASES = [
                                                                  "fsync") for fused in (False, True)),
     *(Case("delete another", step) for step in ("store.delete", "os.rename", "fsync")),
     Case("delete the active", "store.delete", errno.EIO),
+    *(Case("replace the active", step, fused=fused) for step in ("store.stage_files", "store.replace",
+                                                                  "manifest write", "os.rename", "fsync",
+                                                                  "store root fsync") for fused in (False, True)),
+    Case("replace the active", "os.rename", errno.EIO),
 ]
 
 
