@@ -159,9 +159,8 @@ class Lifecycle:
             await self.replaced(adapter_id)  # one replace of an id at a time: the later one wins
             done = self.replacing[adapter_id] = asyncio.Event()
             try:
-                while self.residency.in_use(adapter_id):  # the old version's requests finish on it
-                    await self.residency.wait_unused(adapter_id)
-                async with self._activation, self.residency.load_lock(adapter_id):
+                await self._drain(adapter_id)  # the old version's requests finish on it
+                async with self._activation:
                     record = self.registry.get(adapter_id)  # a delete under way hides it: 404
                     fused = self.fused and self.active == adapter_id
                     blocker = prepared.merge_blocker() if fused else None
@@ -172,8 +171,13 @@ class Lifecycle:
                         stored = await asyncio.to_thread(self.store.replace, adapter_id, staged, _summary(prepared))
                     staged = None
                     record.stored = stored
+                    # A request that passed the gate before it closed may have taken its lease since (after
+                    # compiling a grammar): it finishes on the weights it started with. From the last check to
+                    # the swap's submission nothing suspends (the load lock is free: no lease, no delete).
+                    await self._drain(adapter_id)
                     if record.loaded is not None:  # else (evicted) the new files load on first use
-                        await self.engine.call(lambda rt: _swap(rt, prepared))
+                        async with self.residency.load_lock(adapter_id):
+                            await self.engine.call(lambda rt: _swap(rt, prepared))
                         record.loaded = prepared
                         record.load_ms = (time.perf_counter() - start) * 1000
                         self.residency.counted_load(record)
@@ -186,6 +190,11 @@ class Lifecycle:
         finally:
             if staged is not None:
                 await asyncio.to_thread(staged.discard)
+
+    async def _drain(self, adapter_id: str) -> None:
+        """Return once no lease holds the adapter (returns without suspending when none does)."""
+        while self.residency.in_use(adapter_id):
+            await self.residency.wait_unused(adapter_id)
 
     # ---- delete ------------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Every state change is all or nothing: a store step that fails (a full disk, an I/O error) during an upload,
-merge, activation (fused or not), deactivation, delete or in-place replace leaves everything exactly as it was: the listing, the
-active and fused adapter in the service, the runtime and the store, /health, the store's files and the tokens
-each adapter generates.
+merge, activation (fused or not), deactivation, delete or in-place replace leaves everything exactly as it
+was: the listing, the active and fused adapter in the service, the runtime and the store, /health, the
+store's files and the tokens each adapter generates.
 
 Each case starts from adapters a and b with a active (fused or not), makes one store step fail, runs the
 operation, expects the typed error, compares a snapshot with the one taken before, then runs the operation
