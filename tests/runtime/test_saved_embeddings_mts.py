@@ -143,3 +143,19 @@ def test_resized_vocabulary_is_refused_naming_both_sizes(tmp_path, which) -> Non
     [line] = report.base_mismatches
     assert "128 tokens" in line and "has 96" in line
     assert report.unexpected_keys == [] and report.shape_mismatches == [] and report.missing_keys == []
+
+
+@pytest.mark.parametrize("which", ["lm_head", "wte"])
+def test_gpt2_tied_head_and_input_embedding(tmp_path, which) -> None:
+    """GPT-2 ties transformer.wte and lm_head by default; its LoRA targets Conv1D."""
+    base = tiny_model("gpt2", tied=True)
+    adapter = _saved_with_embeddings(base, tmp_path / which, change_rows=True, r=4, target_modules=["c_attn"],
+                                     modules_to_save=[which])
+    runtime = AdapterRuntime(copy.deepcopy(base))
+    loaded = runtime.load(which, adapter)
+    assert loaded.report.ok and loaded.report.unexpected_keys == []
+    other = "transformer.wte" if which == "lm_head" else "lm_head"
+    assert set(loaded.base_overrides) == {other}, "the tied partner reads the saved weight"
+    ids = input_ids()
+    assert torch.equal(_logits(runtime, which, ids), peft_logits(base, adapter, ids))
+    assert torch.equal(_logits(runtime, None, ids), base(input_ids=ids).logits)
