@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .adapter_types.base import ModuleAdapter
 from .errors import MixedBatchError
@@ -78,9 +80,10 @@ class AdaptedModule(nn.Module):
         if args or kwargs or plan.mode == "split":
             return self._forward_split(assignment, x, *args, **kwargs)
         # Output-side adapters only: run the base once for the whole batch, then adapt the rows.
-        y = self.base_layer(x)
+        base = self.base_layer
+        y = F.linear(x, base.weight, base.bias) if plan.plain_linear else base(x)
         if plan.stack is not None and x.numel() == x.shape[0] * x.shape[-1]:  # one token per row: a decode step
-            return plan.stack.apply(x, y, plan.row_mask)
+            return plan.stack.apply(x, y, plan.layout)
         for g in plan.groups:
             y[g.rows] = self.adapters[g.adapter_id].adapt_output(self.base_layer, x[g.rows], y[g.rows])
         return y
@@ -96,12 +99,13 @@ class AdaptedModule(nn.Module):
             plan = _Plan("rows", groups)
             stack = self._stack_for(tuple(g.adapter_id for g in groups))
             if stack is not None:
-                # The row mask depends only on the rows' adapters and the stack's layout: shared across modules.
-                key = ("row_mask", stack.layout_key)
-                mask = assignment.memo.get(key)
-                if mask is None:
-                    mask = assignment.memo[key] = stack.row_mask(assignment.row_adapters)
-                plan.stack, plan.row_mask = stack, mask
+                # The layout depends only on the rows' adapters and the stack's layout key: shared across modules.
+                key = ("stack_layout", stack.layout_key)
+                layout = assignment.memo.get(key)
+                if layout is None:
+                    layout = assignment.memo[key] = stack.layout(assignment.row_adapters)
+                plan.stack, plan.layout = stack, layout
+            plan.plain_linear = _plain_linear(self.base_layer)
         self._plan_key, self._plan = (assignment, self.router.generation), plan
         return plan
 
@@ -176,15 +180,23 @@ class AdaptedModule(nn.Module):
 
 class _Plan:
     """What a wrapper does for one batch layout: run the base only, split the batch per adapter, or adapt
-    the output of rows (`stack` and `row_mask` set when the adapters' stacked form applies)."""
+    the output of rows (`stack` and `layout` set when the adapters' stacked form applies)."""
 
-    __slots__ = ("mode", "groups", "stack", "row_mask")
+    __slots__ = ("mode", "groups", "stack", "layout", "plain_linear")
 
     def __init__(self, mode: str, groups: list[RowGroup]) -> None:
         self.mode = mode  # "base" | "split" | "rows"
         self.groups = groups
         self.stack: Any = None
-        self.row_mask: torch.Tensor | None = None
+        self.layout: Any = None  # the stack's form of this batch layout (`ModuleAdapter.stacked`)
+        self.plain_linear = False  # base_layer is a bare nn.Linear: call F.linear, skipping Module.__call__
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear (not a subclass) with no hooks of its own or global ones: `F.linear` on its weight and bias
+    is exactly its forward."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not _torch_module._global_forward_hooks and not _torch_module._global_forward_pre_hooks)
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:

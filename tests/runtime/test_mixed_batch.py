@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from oracle import input_ids, make_peft_adapter, peft_logits, tiny_model
 
@@ -154,3 +155,70 @@ def test_stack_survives_batch_changes_and_rows_stay_exact(tmp_path) -> None:
             expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
             torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
     assert all(s is stacks[0] for s in stacks), "the stack is built once for these layouts"
+
+
+def test_partition_cuts_by_cost() -> None:
+    """Adapters (in stack order) with rows become segments when launches are cheap; one stack when dear."""
+    from service.runtime.adapter_types.lora.stacked import partition
+
+    counts, ranks = [1, 1, 4, 0], (64, 32, 8, 8)
+    assert partition(counts, ranks, width=1024, batch=8, launch=1e12) is None
+    assert partition(counts, ranks, width=1024, batch=8, launch=0.0) == [(0, 1), (1, 2), (2, 3)]  # no rowless one
+    assert partition([2, 0, 2], (8, 64, 8), width=64, batch=4, launch=0.0) == [(0, 1), (2, 3)]
+
+
+@pytest.mark.parametrize("launch", [0.0, 1e12], ids=["segments", "whole-batch"])
+def test_stacked_decode_by_segments_equals_peft(tmp_path, monkeypatch, launch: float) -> None:
+    """A decode step cut into segments (each run of adapters on its own rows) or run as one stack gives every
+    row its adapter's output (PEFT), with rows of the base and of adapters absent from a module in between."""
+    from service.runtime.adapter_types.lora import stacked
+
+    monkeypatch.setitem(stacked.LAUNCH_COST_MACS, "cpu", launch)
+    base = tiny_model("llama")
+    configs = {
+        "r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        "r8": dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
+        "r4": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"]),
+        "r8b": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    }
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 11, **kw) for i, (n, kw) in enumerate(configs.items())}
+    model = copy.deepcopy(base)
+    runtime = AdapterRuntime(model)
+    for name, path in dirs.items():
+        runtime.load(name, path)
+    rows = ["r8", "r2", None, "r4", "r8", "r8b", "r2", "r8"]
+    ids = input_ids(batch=len(rows), length=1, seed=9)
+    with torch.no_grad(), runtime.route(rows):
+        mixed = model(input_ids=ids).logits
+    q = runtime._wrappers["model.layers.0.self_attn.q_proj"]
+    assert (q._plan.layout.segments is not None) == (launch == 0.0)
+    if launch == 0.0:
+        assert len(q._plan.layout.segments) == 3  # r4 is not on q_proj
+    for adapter in set(rows):
+        idx = [i for i, r in enumerate(rows) if r == adapter]
+        expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+        torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
+
+
+def test_segmented_decode_on_a_bfloat16_base(tmp_path, monkeypatch) -> None:
+    """Half-precision base: segments add the fp32 LoRA delta and round once, as the whole-batch path does."""
+    from service.runtime.adapter_types.lora import stacked
+
+    base = tiny_model("llama").to(torch.bfloat16)
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 21, r=r, lora_alpha=2 * r,
+                                 target_modules=["q_proj", "v_proj"]) for i, (n, r) in enumerate((("a", 2), ("b", 8)))}
+    model = copy.deepcopy(base)
+    runtime = AdapterRuntime(model)
+    for name, path in dirs.items():
+        runtime.load(name, path)
+    rows = ["a", "b", None, "b"]
+    ids = input_ids(batch=len(rows), length=1, seed=4)
+    out = {}
+    for launch in (0.0, 1e12):
+        monkeypatch.setitem(stacked.LAUNCH_COST_MACS, "cpu", launch)
+        runtime.router.generation += 1  # drop the cached plans
+        runtime._last_assignment = None  # and the layouts memoised for these rows
+        with torch.no_grad(), runtime.route(rows):
+            out[launch] = model(input_ids=ids).logits
+    assert runtime._wrappers["model.layers.0.self_attn.q_proj"]._plan.layout.segments is None
+    torch.testing.assert_close(out[0.0], out[1e12], rtol=0, atol=2e-2)

@@ -162,10 +162,10 @@ class ModuleAdapter(ABC):
 
         Return None to use the per-group path, or an object with:
         - `adapter_ids` (the ids it was built for) and `rank_total` (the work it does per row, e.g. ranks summed);
-        - `layout_key`: hashable; stacks with equal keys give equal row masks (shared between modules);
-        - `row_mask(row_adapters) -> Tensor`: per-row values for one batch layout (row_adapters: each row's
+        - `layout_key`: hashable; stacks with equal keys give equal layouts (shared between modules);
+        - `layout(row_adapters) -> object`: what one batch layout needs (row_adapters: each row's
           adapter id or None, in batch order; ids it does not hold mean "no adapter");
-        - `apply(x, y, row_mask) -> y`: the output of every row with its adapter applied.
+        - `apply(x, y, layout) -> y`: the output of every row with its adapter applied (one token per row).
         The wrapper may keep a stack holding adapters that have left the batch (their rows are simply absent).
         """
         return None

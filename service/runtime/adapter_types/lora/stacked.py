@@ -1,21 +1,33 @@
-"""Many adapters' LoRA on one module in one shot, for the decode steps of a mixed batch.
+"""Many adapters' LoRA on one module in a few kernels, for the decode steps of a mixed batch.
 
 The A of every adapter in the stack are concatenated along the rank axis, A: (R, in) with R the sum of the
-ranks, and likewise B: (out, R). One decode step of the whole batch is then three kernels whatever the number
-of adapters or rows:
+ranks, and likewise B, kept transposed as Bt: (R, out) so that any run of adapters is a contiguous block of
+rows of both. One decode step of the whole batch can then be three kernels whatever the number of adapters
+or rows:
 
     h = x @ A.T            # (N, R): every row against every adapter's A
-    h *= row_mask          # (B, R): row i keeps only its own adapter's columns, times that adapter's scaling
-    y += h @ B.T           # (N, out)
+    h *= mask              # (N, R): row i keeps only its own adapter's columns, times that adapter's scaling
+    y += h @ Bt            # (N, out)
 
-Each adapter's weights are read once per step however many rows use it, and nothing is gathered per row,
-so a step costs (sum of the batch's ranks) x (in + out) of weight traffic, the floor for a bandwidth-bound
-decode. The extra multiply-adds against other rows' adapters are exact zeros; results equal the per-group
-path up to floating-point accumulation order (scaling is applied before B, not after). The stack is built
-once when an adapter it lacks joins the batch (the wrapper keeps a stack that still holds adapters which
-left, `adapted_module.py`), and the row mask once per batch layout, shared by every module with the same
-`layout_key`. Prefill (many tokens per row) uses the per-group path, where the k-fold extra compute of the
-mask would show.
+Each adapter's weights are read once per step however many rows use it, and nothing is gathered per row.
+But every row also multiplies against every other adapter's columns (exact zeros after the mask): N x R x
+(in + out) multiply-adds where the rows need only the sum of their own ranks x (in + out). With many
+adapters of large ranks on a CPU, where a small matmul is compute-bound, that waste costs more than the base
+layer itself. So a batch layout is cut into segments, runs of adapters that are adjacent in the stack
+(built in descending rank order, so that similar ranks sit together), each applied to only its own rows:
+
+    xs = x[perm]                                  # (n, in): rows sorted by segment
+    for each segment (rows r0:r1, columns c0:c1):
+        h = xs[r0:r1] @ A[c0:c1].T; h *= mask     # (rows, cols)
+        delta[r0:r1] = h @ Bt[c0:c1]              # (rows, out)
+    y.index_add_(0, perm, delta)
+
+Each extra segment costs a few kernel launches; `partition` picks the cut that minimises multiply-adds plus
+launches priced at `launch_cost(device)` multiply-adds (high on CUDA, where one stack of three kernels stays
+best). Results equal the per-group path up to floating-point accumulation order (scaling is applied before
+B, not after). The stack is built once when an adapter it lacks joins the batch (the wrapper keeps a stack
+that still holds adapters which left, `adapted_module.py`), and the layout once per batch layout, shared by
+every module with the same `layout_key`. Prefill (many tokens per row) uses the per-group path.
 """
 
 from __future__ import annotations
@@ -27,31 +39,60 @@ import torch.nn.functional as F
 
 from .factors import LoraFactors
 
+# What one more kernel launch (with its Python around it) costs, in multiply-adds of a small fp32 matmul: about
+# 4 us against about 25 multiply-adds per ns on one CPU core (measured, bench/engine_bench.py). On other
+# devices launches dominate at decode sizes: one segment.
+LAUNCH_COST_MACS = {"cpu": 100_000.0}
+DEFAULT_LAUNCH_COST_MACS = 1e12
+
+
+def launch_cost(device: torch.device) -> float:
+    return LAUNCH_COST_MACS.get(device.type, DEFAULT_LAUNCH_COST_MACS)
+
+
+@dataclass(eq=False)
+class StackLayout:
+    """How one batch layout runs on a stack: `segments` is None for the whole-batch path (three kernels), else
+    (row start, row end, column start, column end, mask) per segment over the rows sorted by `perm`."""
+
+    mask: torch.Tensor  # whole batch: (B, R); segments: unused (empty)
+    slot: torch.Tensor  # (B,) each row's index in adapter_ids (n for rows of other adapters), for the bias
+    perm: torch.Tensor | None = None  # (n,) the batch rows that use the stack, grouped by segment
+    segments: tuple[tuple[int, int, int, int, torch.Tensor], ...] | None = None
+
 
 @dataclass(eq=False)
 class StackedLora:
     adapter_ids: tuple[str, ...]
     A: torch.Tensor  # (R, in): the adapters' A stacked along the rank axis
-    B: torch.Tensor  # (out, R)
+    Bt: torch.Tensor  # (R, out): the adapters' B, transposed and stacked likewise
+    ranks: tuple[int, ...]  # each adapter's rank, in stack order
+    scalings: tuple[float, ...]
     col_owner: torch.Tensor  # (R,) int64: index into adapter_ids of each rank column
     col_scale: torch.Tensor  # (R,) the owner's scaling, in A's dtype
     bias: torch.Tensor | None  # (n + 1, out) each adapter's lora_B bias times its scaling (row n: zeros), or None
-    layout_key: tuple  # equal keys give equal row masks: ((adapter id, rank, scaling), ...)
+    layout_key: tuple  # equal keys give equal layouts: ((adapter id, rank, scaling), ...) and the module's shape
 
     @classmethod
     def build(cls, adapter_ids: tuple[str, ...], loras: list[LoraFactors]) -> StackedLora:
+        # Descending rank (stable): segments are runs of adjacent adapters, and similar ranks belong together.
+        order = sorted(range(len(loras)), key=lambda k: -loras[k].rank)
+        adapter_ids, loras = tuple(adapter_ids[k] for k in order), [loras[k] for k in order]
         a = torch.cat([w.A for w in loras], dim=0)
-        b = torch.cat([w.B for w in loras], dim=1)
+        bt = torch.cat([w.B.t() for w in loras], dim=0)  # contiguous (R, out)
         owner = torch.cat([torch.full((w.rank,), k, dtype=torch.long) for k, w in enumerate(loras)]).to(a.device)
         scale = torch.cat([torch.full((w.rank,), float(w.scaling), dtype=a.dtype) for w in loras]).to(a.device)
         bias = None
         if any(w.bias is not None for w in loras):
-            bias = b.new_zeros((len(loras) + 1, b.shape[0]))
+            bias = bt.new_zeros((len(loras) + 1, bt.shape[1]))
             for k, w in enumerate(loras):
                 if w.bias is not None:
                     bias[k] = w.bias * w.scaling
-        key = tuple((i, w.rank, float(w.scaling), w.bias is not None) for i, w in zip(adapter_ids, loras, strict=True))
-        return cls(adapter_ids, a, b, owner, scale, bias, key)
+        members = tuple((i, w.rank, float(w.scaling), w.bias is not None)
+                        for i, w in zip(adapter_ids, loras, strict=True))
+        key = (members, a.shape[1], bt.shape[1], a.device)  # in/out features: the cost of a cut depends on them
+        return cls(adapter_ids, a, bt, tuple(w.rank for w in loras), tuple(float(w.scaling) for w in loras),
+                   owner, scale, bias, key)
 
     @staticmethod
     def eligible(loras: list[LoraFactors]) -> bool:
@@ -63,31 +104,96 @@ class StackedLora:
         return self.A.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.A, self.B, self.col_owner, self.col_scale, self.bias) if t is not None]
+        return [t for t in (self.A, self.Bt, self.col_owner, self.col_scale, self.bias) if t is not None]
 
-    def row_mask(self, row_adapters: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, R): each row's scaling on its adapter's rank columns, 0 elsewhere; and (B,) each row's index in
-        `adapter_ids` (n for rows of other adapters). Depends only on `layout_key`, never on weights."""
+    def layout(self, row_adapters: tuple[str | None, ...]) -> StackLayout:
+        """How this batch layout runs (row_adapters: each row's adapter id or None, in batch order). Depends only
+        on `layout_key`, never on weights."""
         index = {adapter_id: k for k, adapter_id in enumerate(self.adapter_ids)}
-        slot = torch.tensor([index.get(a, len(index)) for a in row_adapters], dtype=torch.long, device=self.A.device)
-        return (slot[:, None] == self.col_owner[None, :]).to(self.A.dtype) * self.col_scale, slot
+        n = len(index)
+        slots = [index.get(a, n) for a in row_adapters]
+        device = self.A.device
+        slot = torch.tensor(slots, dtype=torch.long, device=device)
+        counts = [0] * n
+        for s in slots:
+            if s < n:
+                counts[s] += 1
+        segments = None if self.bias is not None else partition(
+            counts, self.ranks, self.A.shape[1] + self.Bt.shape[1], len(slots), launch_cost(device))
+        if segments is None:
+            mask = (slot[:, None] == self.col_owner[None, :]).to(self.A.dtype) * self.col_scale  # (B, R)
+            return StackLayout(mask, slot)
+        starts = [0]
+        for r in self.ranks:
+            starts.append(starts[-1] + r)
+        rows: list[int] = []
+        out = []
+        for first, last in segments:  # adapters first..last-1
+            r0 = len(rows)
+            segment_rows = [i for i, s in enumerate(slots) if first <= s < last]
+            rows += segment_rows
+            c0, c1 = starts[first], starts[last]
+            seg_slot = slot[segment_rows]
+            mask = (seg_slot[:, None] == self.col_owner[None, c0:c1]).to(self.A.dtype) * self.col_scale[c0:c1]
+            out.append((r0, len(rows), c0, c1, mask))
+        return StackLayout(self.A.new_empty(0), slot, torch.tensor(rows, dtype=torch.long, device=device), tuple(out))
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, row_mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: (B, ..., in) input, y: (B, ..., out) base output (updated in place when dtypes allow)."""
-        mask, slot = row_mask
-        rows = x.shape[0]
-        xa = x.reshape(-1, x.shape[-1])
+    def apply(self, x: torch.Tensor, y: torch.Tensor, layout: StackLayout) -> torch.Tensor:
+        """One decode step: x (B, ..., in) input with one token per row, y (B, ..., out) base output (updated in
+        place when dtypes allow)."""
+        xa = x.reshape(x.shape[0], x.shape[-1])
         if xa.dtype != self.A.dtype:
             xa = xa.to(self.A.dtype)
-        h = F.linear(xa, self.A)  # (N, R)
-        if h.shape[0] == rows:
-            h.mul_(mask)
+        in_place = y.dtype == self.A.dtype and y.is_contiguous()
+        # (B, out): y itself, or a copy in the adapter dtype (half bases add in fp32 and round once, as PEFT)
+        acc = y.view(y.shape[0], y.shape[-1]) if in_place else y.reshape(y.shape[0], y.shape[-1]).to(
+            self.A.dtype, copy=True)
+        if layout.segments is None:
+            h = F.linear(xa, self.A).mul_(layout.mask)  # (B, R)
+            if self.bias is None:
+                acc.addmm_(h, self.Bt)
+            else:
+                acc += torch.mm(h, self.Bt) + self.bias[layout.slot]
         else:
-            h.view(rows, -1, h.shape[-1]).mul_(mask[:, None, :])
-        if y.dtype == self.A.dtype and y.is_contiguous() and self.bias is None:
-            y.view(-1, y.shape[-1]).addmm_(h, self.B.t())
+            xs = xa.index_select(0, layout.perm)  # (n, in)
+            delta = acc.new_empty((xs.shape[0], acc.shape[1]))  # (n, out)
+            for r0, r1, c0, c1, mask in layout.segments:
+                h = F.linear(xs[r0:r1], self.A[c0:c1]).mul_(mask)  # (rows, cols)
+                torch.mm(h, self.Bt[c0:c1], out=delta[r0:r1])
+            acc.index_add_(0, layout.perm, delta)
+        if in_place:
             return y
-        delta = F.linear(h, self.B).view(rows, -1, y.shape[-1])  # (B, T, out)
-        if self.bias is not None:
-            delta = delta + self.bias[slot][:, None, :]
-        return (y + delta.view(y.shape)).to(y.dtype)
+        return acc.to(y.dtype).view(y.shape)
+
+
+def partition(counts: list[int], ranks: tuple[int, ...], width: int, batch: int,
+              launch: float) -> list[tuple[int, int]] | None:
+    """Runs [first, last) of adapters (in stack order) to apply separately, or None for the whole-batch path.
+
+    counts[k] = rows of adapter k in the batch, ranks[k] its rank, width = in + out features. The whole-batch
+    path costs batch x R x width multiply-adds and three launches; a cut costs two launches (sort the rows, add
+    the result back) plus, per segment, three launches and its rows x its ranks x width. Adapters without rows
+    between segments cost nothing; within one they cost their columns.
+    """
+    n = len(counts)
+    whole = 3 * launch + batch * sum(ranks) * width
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest cover of the rows of adapters 0..j-1
+    back: list[tuple[int, bool]] = [(0, False)] * (n + 1)  # (i, whether i..j-1 is a segment)
+    for j in range(1, n + 1):
+        if counts[j - 1] == 0:
+            best[j], back[j] = best[j - 1], (j - 1, False)  # adapter j-1 left out
+        rows = cols = 0
+        for i in range(j - 1, -1, -1):
+            rows, cols = rows + counts[i], cols + ranks[i]
+            if rows and best[i] + 3 * launch + rows * cols * width < best[j]:
+                best[j], back[j] = best[i] + 3 * launch + rows * cols * width, (i, True)
+    if best[n] + 2 * launch >= whole:
+        return None
+    segments = []
+    j = n
+    while j > 0:
+        i, is_segment = back[j]
+        if is_segment:
+            segments.append((i, j))
+        j = i
+    return segments[::-1]

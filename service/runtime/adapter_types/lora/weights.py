@@ -92,7 +92,9 @@ def apply_linear(w: LoraWeights, base: nn.Module, x: torch.Tensor, y: torch.Tens
     """y = base(x) for these rows; returns y plus the adapter's contribution, in y's dtype."""
     xa = x.to(w.A.dtype)
     if w.dora_scale is None:
-        return (y + F.linear(F.linear(xa, w.A), w.B, w.bias) * w.scaling).to(y.dtype)
+        delta = F.linear(F.linear(xa, w.A), w.B, w.bias).mul_(w.scaling)
+        # y is this forward's own base output: adding in place is the same sum without another buffer.
+        return y.add_(delta) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
     lora = F.linear(F.linear(xa, w.A), w.B)
     base_result = y - base.bias if base.bias is not None else y
     g = w.dora_scale
