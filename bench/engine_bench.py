@@ -2,7 +2,8 @@
 
 `python -m bench.engine_bench [--repeats N]` measures, interleaved and each against the base model in the same
 run (the machine is shared and noisy, so throughput is tokens per CPU second of this process with one torch
-thread, and each figure is the median of the repeats):
+thread; each throughput is the median of the repeats, and each ratio the median of its per-repeat ratios, whose
+two runs are seconds apart, so slow drifts in the machine's load cancel):
 - throughput with many adapters (48 LoRAs of ranks 8/16/32/64 over three target sets, Zipf(1.0) popularity);
 - 8 rank-16 q/k/v/o adapters mixed vs one of them alone, and one adapter vs the base model;
 - host overhead on a deep, thin model (32 layers, hidden 64): one decode step of the engine with 16 rows
@@ -187,10 +188,10 @@ def _unwrapped_forward(runtime: AdapterRuntime, model, ids, cache, mask=None, po
             setattr(parent, attr, wrapper)
 
 
-def throughput(cache_dir: Path, repeats: int, requests: int = 32, clients: int = 16, max_new_tokens: int = 32) -> dict:
-    """Median tokens per CPU second of each scenario, run interleaved `repeats` times."""
+def throughput(cache_dir: Path, repeats: int, requests: int = 32, clients: int = 16,
+               max_new_tokens: int = 32) -> dict[str, list[float]]:
+    """Tokens per CPU second of each scenario, run interleaved `repeats` times (one list entry per repeat)."""
     import itertools
-    import statistics
 
     model_dir = bench_model(cache_dir)
     pool = ensure_pool(cache_dir, model_dir, 48)
@@ -217,7 +218,7 @@ def throughput(cache_dir: Path, repeats: int, requests: int = 32, clients: int =
     for _ in range(repeats):
         for label, pick in scenarios.items():
             results[label].append(run(pick))
-    return {k: statistics.median(v) for k, v in results.items()}
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,19 +229,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent / ".cache")
     args = parser.parse_args(argv)
+    import os
+    import statistics
+
     torch.set_num_threads(1)
-    tps = throughput(args.cache_dir, args.repeats)
-    base, zipf = tps["base model"], tps["48 adapters, Zipf(1.0), all resident"]
-    single, mixed = tps["one rank-16 adapter"], tps["8 rank-16 adapters mixed"]
-    lines = ["| scenario | tokens per CPU s |", "|---|---:|", *(f"| {k} | {v:.1f} |" for k, v in tps.items()), "",
-             f"- 48 adapters (Zipf) / base: **{zipf / base:.3f}**",
-             f"- 8 mixed / one adapter: **{mixed / single:.3f}**",
-             f"- LoRA overhead per token vs base: **{(base / single - 1) * 100:+.1f}%**"]
+    load_before = os.getloadavg()
+    runs = throughput(args.cache_dir, args.repeats)
+    base, zipf = runs["base model"], runs["48 adapters, Zipf(1.0), all resident"]
+    single, mixed = runs["one rank-16 adapter"], runs["8 rank-16 adapters mixed"]
+
+    def ratio(num: list[float], den: list[float]) -> float:
+        return statistics.median(n / d for n, d in zip(num, den, strict=True))
+
+    lines = ["| scenario | tokens per CPU s |", "|---|---:|",
+             *(f"| {k} | {statistics.median(v):.1f} |" for k, v in runs.items()), "",
+             f"- 48 adapters (Zipf) / base: **{ratio(zipf, base):.3f}**",
+             f"- 8 mixed / one adapter: **{ratio(mixed, single):.3f}**",
+             f"- LoRA overhead per token vs base: **{(ratio(base, single) - 1) * 100:+.1f}%**"]
     host = host_overhead(args.cache_dir, repeats=args.repeats)
     lines += ["", "| decode step, thin model (32 layers, hidden 64), 16 rows | CPU ms |", "|---|---:|",
               *(f"| {k} | {v:.2f} |" for k, v in host.items()), "",
               f"- engine with 8 adapters / bare forward: "
-              f"**{host['engine, 8 adapters'] / host['bare forward, no adapters']:.3f}**"]
+              f"**{host['engine, 8 adapters'] / host['bare forward, no adapters']:.3f}**",
+              f"- load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}"]
     print("\n".join(lines))
 
 

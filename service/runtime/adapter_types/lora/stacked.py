@@ -20,7 +20,7 @@ layer itself. So a batch layout is cut into segments, runs of adapters that are 
     for each segment (rows r0:r1, columns c0:c1):
         h = xs[r0:r1] @ A[c0:c1].T; h *= mask     # (rows, cols)
         delta[r0:r1] = h @ Bt[c0:c1]              # (rows, out)
-    y.index_add_(0, perm, delta)
+    y += delta[unperm]                            # back in batch order; rows without an adapter add 0
 
 Each extra segment costs a few kernel launches; `partition` picks the cut that minimises multiply-adds plus
 launches priced at `launch_cost(device)` multiply-adds (high on CUDA, where one stack of three kernels stays
@@ -58,6 +58,7 @@ class StackLayout:
     mask: torch.Tensor  # whole batch: (B, R); segments: unused (empty)
     slot: torch.Tensor  # (B,) each row's index in adapter_ids (n for rows of other adapters), for the bias
     perm: torch.Tensor | None = None  # (n,) the batch rows that use the stack, grouped by segment
+    unperm: torch.Tensor | None = None  # (B,) each batch row's position in perm (n: a zero row, no adapter here)
     segments: tuple[tuple[int, int, int, int, torch.Tensor], ...] | None = None
 
 
@@ -136,7 +137,11 @@ class StackedLora:
             seg_slot = slot[segment_rows]
             mask = (seg_slot[:, None] == self.col_owner[None, c0:c1]).to(self.A.dtype) * self.col_scale[c0:c1]
             out.append((r0, len(rows), c0, c1, mask))
-        return StackLayout(self.A.new_empty(0), slot, torch.tensor(rows, dtype=torch.long, device=device), tuple(out))
+        unperm = [len(rows)] * len(slots)
+        for position, row in enumerate(rows):
+            unperm[row] = position
+        return StackLayout(self.A.new_empty(0), slot, torch.tensor(rows, dtype=torch.long, device=device),
+                           torch.tensor(unperm, dtype=torch.long, device=device), tuple(out))
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layout: StackLayout) -> torch.Tensor:
         """One decode step: x (B, ..., in) input with one token per row, y (B, ..., out) base output (updated in
@@ -156,11 +161,12 @@ class StackedLora:
                 acc += torch.mm(h, self.Bt) + self.bias[layout.slot]
         else:
             xs = xa.index_select(0, layout.perm)  # (n, in)
-            delta = acc.new_empty((xs.shape[0], acc.shape[1]))  # (n, out)
+            delta = acc.new_empty((xs.shape[0] + 1, acc.shape[1]))  # (n + 1, out); row n stays zero
+            delta[-1] = 0
             for r0, r1, c0, c1, mask in layout.segments:
                 h = F.linear(xs[r0:r1], self.A[c0:c1]).mul_(mask)  # (rows, cols)
                 torch.mm(h, self.Bt[c0:c1], out=delta[r0:r1])
-            acc.index_add_(0, layout.perm, delta)
+            acc.add_(delta.index_select(0, layout.unperm))  # back in batch order (a gather beats index_add_)
         if in_place:
             return y
         return acc.to(y.dtype).view(y.shape)
