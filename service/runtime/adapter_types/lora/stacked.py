@@ -40,10 +40,13 @@ import torch.nn.functional as F
 from .factors import LoraFactors
 
 # What one more kernel launch (with its Python around it) costs, in multiply-adds of a small fp32 matmul: about
-# 4 us against about 25 multiply-adds per ns on one CPU core (measured, bench/engine_bench.py). On other
+# 6 us against about 25 multiply-adds per ns on one CPU core (measured on the engine_bench model). On other
 # devices launches dominate at decode sizes: one segment.
-LAUNCH_COST_MACS = {"cpu": 100_000.0}
+LAUNCH_COST_MACS = {"cpu": 150_000.0}
 DEFAULT_LAUNCH_COST_MACS = 1e12
+# A cut must promise at least this much less work than the whole-batch stack: its smaller matmuls run slower per
+# multiply-add than the cost model assumes, so near-ties measured worse (8 rank-16 adapters, 2 rows each).
+CUT_GAIN = 0.8
 
 
 def launch_cost(device: torch.device) -> float:
@@ -178,8 +181,9 @@ def partition(counts: list[int], ranks: tuple[int, ...], width: int, batch: int,
 
     counts[k] = rows of adapter k in the batch, ranks[k] its rank, width = in + out features. The whole-batch
     path costs batch x R x width multiply-adds and three launches; a cut costs two launches (sort the rows, add
-    the result back) plus, per segment, three launches and its rows x its ranks x width. Adapters without rows
-    between segments cost nothing; within one they cost their columns.
+    the result back) plus, per segment, three launches and its rows x its ranks x width, and is taken only when
+    it costs under `CUT_GAIN` of the whole. Adapters without rows between segments cost nothing; within one they
+    cost their columns.
     """
     n = len(counts)
     whole = 3 * launch + batch * sum(ranks) * width
@@ -193,7 +197,7 @@ def partition(counts: list[int], ranks: tuple[int, ...], width: int, batch: int,
             rows, cols = rows + counts[i], cols + ranks[i]
             if rows and best[i] + 3 * launch + rows * cols * width < best[j]:
                 best[j], back[j] = best[i] + 3 * launch + rows * cols * width, (i, True)
-    if best[n] + 2 * launch >= whole:
+    if best[n] + 2 * launch >= CUT_GAIN * whole:
         return None
     segments = []
     j = n
