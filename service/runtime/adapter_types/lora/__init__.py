@@ -4,7 +4,7 @@
 - `type.py`: `LoraType`, the `AdapterType`: the keys each module claims, and building its weights.
 - `weights.py`: `LoraWeights`, one adapter's A/B at one module, and the exact forward math.
 - `merged.py`: a module's weights with one adapter merged in (fuse, export).
-- `stacked.py`: `StackedLora`, many adapters' A/B on one module for a mixed batch (two `bmm`s).
+- `stacked.py`: `StackedLora`, many adapters' A/B on one module for the decode steps of a mixed batch.
 - `factors.py`: `LoraFactors`, what `merged.py` and `stacked.py` read from a `LoraWeights`.
 """
 
