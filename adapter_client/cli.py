@@ -1,5 +1,5 @@
-"""Client commands of the CLI: `adapters upload|add|list|show|activate|deactivate|merge|download|export|delete|unload`,
-`generate` and `health`; `--url`/`--api-key` go before or after the command.
+"""Client commands of the CLI: `adapters upload|add|list|show|activate|deactivate|pin|unpin|prefetch|merge|download|
+export|delete|unload`, `generate` and `health`; `--url`/`--api-key` go before or after the command.
 
 `python -m adapter_client` runs them alone; `python -m service` registers them beside `serve` with
 `add_client_commands` and `run_client_command`. They talk to a running server through `adapter_client.client`.
@@ -82,6 +82,10 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     activate.add_argument("adapter_id", metavar="ID")
     activate.add_argument("--fuse", action="store_true", help="run it on merged weights (bare-model speed)")
     command(verbs, "deactivate", _deactivate, "requests naming no adapter use the base model")
+    for name, handler, what in (("pin", _pin, "keep an adapter in model memory, never evicted"),
+                                ("unpin", _unpin, "let the server evict a pinned adapter again"),
+                                ("prefetch", _prefetch, "load an adapter into model memory now")):
+        command(verbs, name, handler, what).add_argument("adapter_id", metavar="ID")
     merge = command(verbs, "merge", _merge, "combine adapters into a new one (PEFT's add_weighted_adapter)")
     merge.add_argument("sources", nargs="+", metavar="ID[:WEIGHT]", help="source adapters, weight 1 by default")
     merge.add_argument("--id", dest="adapter_id", help="the new adapter's id (default: generated)")
@@ -161,6 +165,18 @@ def _show(client: AdapterServiceClient, args: argparse.Namespace) -> None:
         _out(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
 
 
+def _pin(client: AdapterServiceClient, args: argparse.Namespace) -> None:
+    _show_info(client.pin(args.adapter_id), args, "pinned")
+
+
+def _unpin(client: AdapterServiceClient, args: argparse.Namespace) -> None:
+    _show_info(client.unpin(args.adapter_id), args, "unpinned")
+
+
+def _prefetch(client: AdapterServiceClient, args: argparse.Namespace) -> None:
+    _show_info(client.prefetch(args.adapter_id), args, "resident")
+
+
 def _deactivate(client: AdapterServiceClient, args: argparse.Namespace) -> None:
     result = client.deactivate()
     _print_json(result.raw) if args.json else _out("no active adapter: requests naming none use the base model")
@@ -225,7 +241,8 @@ def _list(client: AdapterServiceClient, args: argparse.Namespace) -> None:
         return
     rows = [("ID", "TYPE", "RANK", "ALPHA", "TARGETS", "RESIDENT", "ACTIVE", "CREATED")]
     rows += [(a.id, a.type, str(a.rank), f"{a.alpha:g}", _targets(a),
-              "unloaded" if not a.served else format_bytes(a.resident_bytes) if a.resident else "-",
+              "unloaded" if not a.served else
+              format_bytes(a.resident_bytes) + (" (pinned)" if a.pinned else "") if a.resident else "-",
               "*" if a.active else "", a.created_at)
              for a in listing.adapters]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -273,6 +290,7 @@ def _generate(client: AdapterServiceClient, args: argparse.Namespace) -> None:
 
 def _describe(info: AdapterInfo) -> str:
     text = f"{info.type} rank {info.rank}, alpha {info.alpha:g}, targets {_targets(info)}"
+    text += ", resident" + (", pinned" if info.pinned else "") if info.resident else ""
     return text + (f", modules_to_save {', '.join(info.modules_to_save)}" if info.modules_to_save else "")
 
 

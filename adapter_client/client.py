@@ -72,6 +72,10 @@ def _activate_call(adapter_id: str, fuse: bool) -> _Call[ActiveResult]:
     return _Call("PUT", _adapter_path(adapter_id, "/activate"), ActiveResult.from_json, {"params": params})
 
 
+def _residency_call(method: str, adapter_id: str, suffix: str) -> _Call[AdapterInfo]:
+    return _Call(method, _adapter_path(adapter_id, suffix), AdapterInfo.from_json)
+
+
 def _merge_call(adapter_id: str | None, sources: list[tuple[str, float]], method: str,
                 options: dict[str, Any]) -> _Call[AdapterInfo]:
     check_adapter_id(adapter_id)
@@ -168,6 +172,19 @@ class AdapterServiceClient:
     def deactivate(self) -> ActiveResult:
         """Requests naming no adapter use the base model from now on."""
         return self._call(_Call("DELETE", "/adapters/active", ActiveResult.from_json))
+
+    def pin(self, adapter_id: str) -> AdapterInfo:
+        """Load the adapter into model memory and never evict it (counts toward the server's
+        --max-resident-adapters: 409 `pin_limit_reached` beyond); not kept across server restarts."""
+        return self._call(_residency_call("PUT", adapter_id, "/pin"))
+
+    def unpin(self, adapter_id: str) -> AdapterInfo:
+        """Let the server evict the adapter again when it needs room."""
+        return self._call(_residency_call("DELETE", adapter_id, "/pin"))
+
+    def prefetch(self, adapter_id: str) -> AdapterInfo:
+        """Load the adapter into model memory now; returns once it is resident."""
+        return self._call(_residency_call("POST", adapter_id, "/prefetch"))
 
     def delete_adapter(self, adapter_id: str) -> DeleteResult:
         """Delete an adapter and free everything it holds."""
@@ -300,6 +317,19 @@ class AsyncAdapterServiceClient:
     async def deactivate(self) -> ActiveResult:
         """Requests naming no adapter use the base model from now on."""
         return await self._call(_Call("DELETE", "/adapters/active", ActiveResult.from_json))
+
+    async def pin(self, adapter_id: str) -> AdapterInfo:
+        """Load the adapter into model memory and never evict it (counts toward the server's
+        --max-resident-adapters: 409 `pin_limit_reached` beyond); not kept across server restarts."""
+        return await self._call(_residency_call("PUT", adapter_id, "/pin"))
+
+    async def unpin(self, adapter_id: str) -> AdapterInfo:
+        """Let the server evict the adapter again when it needs room."""
+        return await self._call(_residency_call("DELETE", adapter_id, "/pin"))
+
+    async def prefetch(self, adapter_id: str) -> AdapterInfo:
+        """Load the adapter into model memory now; returns once it is resident."""
+        return await self._call(_residency_call("POST", adapter_id, "/prefetch"))
 
     async def delete_adapter(self, adapter_id: str) -> DeleteResult:
         """Delete an adapter and free everything it holds."""

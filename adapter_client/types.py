@@ -55,6 +55,7 @@ class AdapterInfo:
     resident: bool = False
     load_ms: float | None = None
     served: bool = True  # False: unloaded (files kept on the server, not served)
+    pinned: bool = False
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

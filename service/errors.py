@@ -85,6 +85,18 @@ class AdapterLimitError(ServiceError):
                          {"max_adapters": max_adapters})
 
 
+class PinLimitError(ServiceError):
+    """Pins fill the resident limit: no more can be pinned, or (every slot pinned) no other adapter can load."""
+
+    code = "pin_limit_reached"
+
+    def __init__(self, max_resident: int, pinned: Iterable[str], adapter_id: str) -> None:
+        pinned = sorted(pinned)
+        super().__init__(f"all {max_resident} resident slots (--max-resident-adapters) hold pinned adapters "
+                         f"({', '.join(pinned)}); unpin one to make room for adapter '{adapter_id}'",
+                         {"max_resident_adapters": max_resident, "pinned": pinned, "adapter_id": adapter_id})
+
+
 class InvalidAdapterIdError(ServiceError):
     code = "invalid_adapter_id"
 
@@ -236,6 +248,12 @@ class NonFiniteLogitsError(GenerationFailedError):
 
 class ReplicaUnavailableError(ServiceError):
     code = "replica_unavailable"
+
+
+class NotSupportedError(ServiceError):
+    """This deployment does not offer the operation (the message says why and what to use instead)."""
+
+    code = "not_supported"
 
 
 class UnauthorizedError(ServiceError):

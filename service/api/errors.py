@@ -25,6 +25,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "adapter_not_found": 404,
     "adapter_exists": 409,
     "adapter_limit_reached": 409,
+    "pin_limit_reached": 409,
     "invalid_adapter_id": 422,
     "invalid_adapter": 422,
     "mixed_batch_unsupported": 422,
@@ -63,6 +64,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "replica_unavailable": 503,
     "unauthorized": 401,
     "forbidden": 403,
+    "not_supported": 501,
 }
 _HEADERS_BY_CODE: dict[str, dict[str, str]] = {
     "overloaded": {"Retry-After": "1"},

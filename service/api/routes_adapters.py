@@ -1,4 +1,4 @@
-"""Adapter endpoints: upload, merge, list, inspect, activate, download, export, delete."""
+"""Adapter endpoints: upload, merge, list, inspect, activate, pin, prefetch, download, export, delete."""
 
 from __future__ import annotations
 
@@ -123,6 +123,25 @@ async def activate_adapter(adapter_id: str, service: Svc, fuse: bool = False) ->
 async def deactivate(service: Svc) -> ActiveResponse:
     """Requests that name no adapter use the base model from now on."""
     return active_response(await service.deactivate())
+
+
+@router.put("/{adapter_id}/pin", response_model=AdapterInfo, dependencies=ADMIN)
+async def pin_adapter(adapter_id: str, service: Svc) -> AdapterInfo:
+    """Load the adapter into model memory if it is not, and never evict it; it counts toward
+    --max-resident-adapters (409 pin_limit_reached beyond). Idempotent; pins are not kept across restarts."""
+    return adapter_info(await service.pin(adapter_id))
+
+
+@router.delete("/{adapter_id}/pin", response_model=AdapterInfo, dependencies=ADMIN)
+async def unpin_adapter(adapter_id: str, service: Svc) -> AdapterInfo:
+    """Let eviction pick the adapter again (it stays resident until then). Idempotent."""
+    return adapter_info(await service.unpin(adapter_id))
+
+
+@router.post("/{adapter_id}/prefetch", response_model=AdapterInfo, dependencies=ADMIN)
+async def prefetch_adapter(adapter_id: str, service: Svc) -> AdapterInfo:
+    """Load the adapter into model memory now; answers once it is resident (it may be evicted later)."""
+    return adapter_info(await service.prefetch(adapter_id))
 
 
 @router.get("/{adapter_id}/download", response_class=FileResponse, dependencies=ADMIN)

@@ -105,6 +105,8 @@ class AdapterInfo(BaseModel):
     usage: AdapterUsageInfo | None = Field(default=None, description="what the adapter has served")
     served: bool = Field(default=True, description="false: unloaded (/v1/unload_lora_adapter): its files are "
                          "kept, requests naming it get 404; new files under its id replace them")
+    pinned: bool = Field(default=False, description="kept in model memory, never evicted (POST "
+                         "/adapters/{id}/pin); pins are not kept across restarts")
 
 
 class AdapterList(BaseModel):

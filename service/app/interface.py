@@ -56,6 +56,7 @@ class AdapterView:
     warnings: list[str] = field(default_factory=list)  # the load report's warnings (served, but worth a look)
     usage: AdapterUsage | None = None  # a snapshot; None where the service keeps none
     served: bool = True  # False: unloaded (vLLM's unload_lora_adapter): files kept, requests naming it get 404
+    pinned: bool = False  # kept resident, never evicted (POST /adapters/{id}/pin); not kept across restarts
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,21 @@ class AdapterService(Protocol):
         ...
 
     async def get(self, adapter_id: str) -> AdapterView:
+        ...
+
+    async def pin(self, adapter_id: str) -> AdapterView:
+        """Load the adapter into model memory if it is not, and never evict it (idempotent). It counts toward
+        the resident limit: pinning more adapters than the limit raises PinLimitError. Pins are not
+        persisted: a restart starts with none. A deployment that cannot pin raises NotSupportedError."""
+        ...
+
+    async def unpin(self, adapter_id: str) -> AdapterView:
+        """The adapter may be evicted again (idempotent); it stays resident until eviction picks it."""
+        ...
+
+    async def prefetch(self, adapter_id: str) -> AdapterView:
+        """Load the adapter into model memory now; returns once it is resident (it may be evicted later, as
+        any unpinned adapter). A deployment that cannot raises NotSupportedError."""
         ...
 
     async def list(self) -> Listing:

@@ -53,7 +53,7 @@ class LocalAdapterService:
         self.metrics = metrics or ServiceMetrics()
         self.registry = AdapterRegistry(settings.max_adapters, {base.name})
         self.residency = Residency(self.registry, engine, settings.max_resident_adapters, self.metrics,
-                                   pinned=self._pinned)
+                                   kept=self._kept)
         self.lifecycle = Lifecycle(self.registry, self.residency, store, engine, self.metrics)
         self.admission = Admission(engine, self.residency, settings)
         self.sources = SourceRegistry.from_settings(settings)
@@ -78,7 +78,7 @@ class LocalAdapterService:
         service.metrics.bind_prefix_cache(lambda: engine.prefix_cache_stats)
         return service
 
-    def _pinned(self, adapter_id: str) -> bool:
+    def _kept(self, adapter_id: str) -> bool:
         """Never evicted: the fused active adapter (its merged copies would be rebuilt on every load), and one
         being replaced in place (its swap expects it attached)."""
         return (self.lifecycle.fused and adapter_id == self.lifecycle.active) or adapter_id in self.lifecycle.replacing
@@ -100,7 +100,7 @@ class LocalAdapterService:
         return self.lifecycle.fused
 
     def _view(self, record: AdapterRecord) -> AdapterView:
-        return record_view(record, self.lifecycle.active)
+        return record_view(record, self.lifecycle.active, record.id in self.residency.pins)
 
     async def get(self, adapter_id: str) -> AdapterView:
         unloaded = self.registry.unloaded.get(adapter_id)
@@ -170,6 +170,19 @@ class LocalAdapterService:
     async def deactivate(self) -> Activation:
         await self.lifecycle.activate(None)
         return Activation(None)
+
+    async def pin(self, adapter_id: str) -> AdapterView:
+        await self.residency.pin(adapter_id)
+        return await self.get(adapter_id)
+
+    async def unpin(self, adapter_id: str) -> AdapterView:
+        await self.residency.unpin(adapter_id)
+        return await self.get(adapter_id)
+
+    async def prefetch(self, adapter_id: str) -> AdapterView:
+        async with self.residency.lease(adapter_id) as record:
+            await self.residency.ensure_resident(adapter_id)
+            return self._view(record)
 
     async def delete(self, adapter_id: str) -> Deletion:
         if adapter_id not in self.registry.records and adapter_id in self.registry.unloaded:

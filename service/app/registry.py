@@ -44,6 +44,7 @@ class AdapterRecord:
 def adapter_view(
     summary: dict[str, Any], *, adapter_id: str, sha256: str, created_at: str, active: bool, resident: bool,
     resident_bytes: int, load_ms: float | None, usage: AdapterUsage | None = None, served: bool = True,
+    pinned: bool = False,
 ) -> AdapterView:
     """The client's view of an adapter from its config summary (serve and the Ray ingress alike)."""
     return AdapterView(
@@ -52,15 +53,15 @@ def adapter_view(
         alpha=float(summary.get("lora_alpha", summary.get("alpha", 0)) or 0),
         target_modules=summary.get("target_modules"), modules_to_save=summary.get("modules_to_save") or [],
         resident_bytes=resident_bytes, sha256=sha256, active=active, created_at=created_at, resident=resident,
-        load_ms=load_ms, warnings=list(summary.get("warnings") or []), usage=usage, served=served,
+        load_ms=load_ms, warnings=list(summary.get("warnings") or []), usage=usage, served=served, pinned=pinned,
     )
 
 
-def record_view(record: AdapterRecord, active: str | None) -> AdapterView:
+def record_view(record: AdapterRecord, active: str | None, pinned: bool = False) -> AdapterView:
     return adapter_view(
         {**record.summary, "rank": record.rank}, adapter_id=record.id, sha256=record.stored.sha256,
         created_at=record.stored.created_at, active=record.id == active, resident=record.loaded is not None,
-        resident_bytes=record.resident_bytes, load_ms=record.load_ms, usage=replace(record.usage),
+        resident_bytes=record.resident_bytes, load_ms=record.load_ms, usage=replace(record.usage), pinned=pinned,
     )
 
 

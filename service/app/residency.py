@@ -3,10 +3,20 @@
 - Leases: every operation that reads an adapter's tensors or files (a generation, an export, a download, a
   merge source) holds a lease; delete waits until there is none, eviction never picks a leased adapter.
 - Residency: at most `max_resident` adapters are attached; loading another evicts the least recently used
-  idle one, or waits until one is idle (memory stays bounded).
+  idle, unpinned one, or waits until one is idle (memory stays bounded). Waiting loads get slots first come,
+  first served, so none waits behind later ones.
+- Pins: a pinned adapter is loaded and never evicted; it counts toward the limit, so at most `max_resident`
+  are pinned (and while every slot holds a pinned adapter, a load of another fails at once: PinLimitError).
+  Pins live in memory only: a restart starts with none.
+
+A load's own path (measured in bench.residency_bench): its tensors are built on a worker thread while it waits
+for a slot; the eviction that makes room is queued on the engine just before its attach, so both run in one
+pause between two decode steps (each costs about a millisecond there); the allocator trim after an eviction
+runs in the background. What a load mostly waits for is a slot: every resident adapter in use.
 
 Lock discipline: event loop thread only. `_room` (a Condition) is notified whenever a slot or an evictable
-adapter may have become free; one lock per adapter id serialises its load against its detach.
+adapter may have become free, and `_queue` orders the loads waiting on it; one lock per adapter id serialises
+its load against its detach.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 from ..engine import Engine
+from ..errors import PinLimitError
 from ..memory import release_free_memory
 from ..metrics import ServiceMetrics
 from ..runtime import LoadedAdapter
@@ -30,18 +42,21 @@ log = logging.getLogger(__name__)
 class Residency:
     def __init__(
         self, registry: AdapterRegistry, engine: Engine, max_resident: int, metrics: ServiceMetrics,
-        pinned: Callable[[str], bool] = lambda _: False,
+        kept: Callable[[str], bool] = lambda _: False,
     ) -> None:
         self.registry = registry
         self.engine = engine
         self.max_resident = max_resident
         self.metrics = metrics
-        self.pinned = pinned  # adapters never evicted (the fused active one)
+        self.kept = kept  # adapters never evicted besides the pinned ones (the fused active one)
+        self.pins: set[str] = set()
         self._in_use: Counter[str] = Counter()
         self._idle: dict[str, asyncio.Event] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._room = asyncio.Condition()
+        self._queue: deque[object] = deque()  # loads waiting for a slot, in arrival order
         self._slots_reserved = 0  # loads that passed make_room but are not registered as resident yet
+        self._background: set[asyncio.Task] = set()  # eviction clean-ups, off every request's path
 
     @property
     def resident_count(self) -> int:
@@ -68,6 +83,10 @@ class Residency:
                     event.set()
                 await self._room_changed()
 
+    def pinned(self, adapter_id: str) -> bool:
+        """Never evicted: pinned, or kept by the service (the fused active adapter)."""
+        return adapter_id in self.pins or self.kept(adapter_id)
+
     def in_use(self, adapter_id: str) -> bool:
         return bool(self._in_use.get(adapter_id))
 
@@ -85,6 +104,8 @@ class Residency:
         return self._load_locks.setdefault(adapter_id, asyncio.Lock())
 
     def forget(self, adapter_id: str) -> None:
+        """The adapter is gone (deleted or unloaded): its lock, idle event and pin go with it."""
+        self.pins.discard(adapter_id)
         self._load_locks.pop(adapter_id, None)
         self._idle.pop(adapter_id, None)
 
@@ -100,20 +121,29 @@ class Residency:
             if record.loaded is not None:
                 return
             start = time.perf_counter()
-            prepared = await asyncio.to_thread(self.engine.runtime.prepare, adapter_id, record.stored.path)
+            # Files read and tensors built on a worker thread while this load waits for a slot.
+            prepared = asyncio.ensure_future(asyncio.to_thread(self.engine.runtime.prepare, adapter_id,
+                                                               record.stored.path))
             # Registered as resident inside `attach`, before its slot is given back: counted by the next load.
             await self.attach(prepared, keep=adapter_id, then=lambda loaded: setattr(record, "loaded", loaded))
             record.load_ms = (time.perf_counter() - start) * 1000
             self.counted_load(record)
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
 
-    async def attach(self, prepared: LoadedAdapter, keep: str, then: Callable[[LoadedAdapter], object] | None = None):
-        """Attach a prepared adapter, making room first. `then(loaded)` runs (awaited if a coroutine) while the
-        slot is still reserved, so the adapter counts as resident before another load can take the slot; if
-        it raises, the adapter is detached again."""
-        await self._make_room(keep)
+    async def attach(self, prepared: LoadedAdapter | Awaitable[LoadedAdapter], keep: str,
+                     then: Callable[[LoadedAdapter], object] | None = None) -> LoadedAdapter:
+        """Attach a prepared adapter (or one still being prepared), making room first. `then(loaded)` runs
+        (awaited if a coroutine) while the slot is still reserved, so the adapter counts as resident before
+        another load can take the slot; if it raises, the adapter is detached again."""
         try:
-            loaded = await self.engine.call(lambda rt: rt.attach(prepared))
+            await self._make_room(keep)
+        except BaseException:
+            if isinstance(prepared, asyncio.Future):
+                prepared.cancel()  # its thread finishes on its own; nothing of it is kept
+            raise
+        try:
+            adapter = prepared if isinstance(prepared, LoadedAdapter) else await prepared
+            loaded = await self.engine.call(lambda rt: rt.attach(adapter))
             if then is not None:
                 try:
                     outcome = then(loaded)
@@ -127,6 +157,34 @@ class Residency:
             self._slots_reserved -= 1
             await self._room_changed()
 
+    # ---- pins -------------------------------------------------------------------------------------------
+
+    async def pin(self, adapter_id: str) -> None:
+        """Load the adapter if it is not resident and never evict it (idempotent); PinLimitError when
+        `max_resident` adapters are pinned already. The pin is undone if the load fails."""
+        self.registry.get(adapter_id)
+        new = adapter_id not in self.pins
+        if new:
+            pinned = self.pins | {r.id for r in self.registry.records.values() if self.kept(r.id)}
+            if len(pinned) >= self.max_resident:
+                raise PinLimitError(self.max_resident, pinned, adapter_id)
+            self.pins.add(adapter_id)
+        try:
+            async with self.lease(adapter_id):
+                await self.ensure_resident(adapter_id)
+        except BaseException:
+            if new:
+                self.pins.discard(adapter_id)
+                await self._room_changed()
+            raise
+
+    async def unpin(self, adapter_id: str) -> None:
+        """The adapter may be evicted again (it stays resident until it is the least recently used); idempotent."""
+        self.registry.get(adapter_id)
+        if adapter_id in self.pins:
+            self.pins.discard(adapter_id)
+            await self._room_changed()
+
     async def detach(self, record: AdapterRecord) -> int:
         """Free the adapter's tensors (it stays registered and loads again on use); the bytes freed."""
         async with self.load_lock(record.id):
@@ -138,25 +196,54 @@ class Residency:
         return freed
 
     async def _make_room(self, keep: str) -> None:
-        """Reserve a resident slot, evicting the least recently used idle adapter when all are taken."""
+        """Reserve a resident slot, first come first served; when all are taken, evict the least recently used
+        idle, unpinned adapter, or wait until one is idle."""
+        ticket = object()
         async with self._room:
-            while self.resident_count + self._slots_reserved >= self.max_resident:
-                idle = [
-                    r for r in self.registry.records.values()
-                    if r.loaded is not None and r.id != keep and not self._in_use.get(r.id)
-                    and not self.registry.hidden(r.id) and not self.pinned(r.id)
-                ]
-                if not idle:
+            self._queue.append(ticket)
+            try:
+                while not (self._queue[0] is ticket and self._take_slot(keep)):
                     await self._room.wait()
-                    continue
-                victim = min(idle, key=lambda r: r.last_used)
-                victim.loaded = None  # from now on a request for it loads it again (after this delete runs)
-                await self.engine.call(lambda rt, victim_id=victim.id: rt.delete(victim_id))
-                victim.usage.evictions = (victim.usage.evictions or 0) + 1
-                self.metrics.adapter_evictions.inc()
-                await asyncio.to_thread(release_free_memory)
-                log.info("evicted adapter %s (least recently used)", victim.id)
+            finally:
+                self._queue.remove(ticket)
+                self._room.notify_all()  # the next load in line may find room now
+
+    def _take_slot(self, keep: str) -> bool:
+        """Reserve a slot if one is free or can be freed now (an eviction); False: wait for a lease to end."""
+        if self.resident_count + self._slots_reserved < self.max_resident:
             self._slots_reserved += 1
+            return True
+        resident = [r for r in self.registry.records.values() if r.loaded is not None]
+        idle = [r for r in resident if r.id != keep and not self._in_use.get(r.id) and not self.registry.hidden(r.id)
+                and not self.pinned(r.id)]
+        if not idle:
+            pinned = [r.id for r in resident if self.pinned(r.id)]
+            if len(pinned) >= self.max_resident:  # no slot will ever come free by waiting
+                raise PinLimitError(self.max_resident, pinned, keep)
+            return False
+        victim = min(idle, key=lambda r: r.last_used)
+        victim.loaded = None  # from now on a request for it loads it again (queued after this delete)
+        # Queued now, so it runs before the attach this slot is for (in the same pause between decode steps).
+        deleted = self.engine.call_soon(lambda rt, victim_id=victim.id: rt.delete(victim_id))
+        victim.usage.evictions = (victim.usage.evictions or 0) + 1
+        self.metrics.adapter_evictions.inc()
+        self._in_background(self._after_eviction(victim.id, deleted))
+        self._slots_reserved += 1
+        return True
+
+    async def _after_eviction(self, adapter_id: str, deleted: Awaitable[int]) -> None:
+        try:
+            await deleted
+        except Exception:  # the engine thread failed to detach it: said, never raised into a request
+            log.exception("evicting adapter %s failed", adapter_id)
+            return
+        await asyncio.to_thread(release_free_memory)
+        log.info("evicted adapter %s (least recently used)", adapter_id)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)  # a reference until it ends (the loop keeps only weak ones)
+        task.add_done_callback(self._background.discard)
 
     def counted_load(self, record: AdapterRecord) -> None:
         """Count a load into model memory (metrics and the adapter's usage); `record.load_ms` is its duration."""

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError as ServeReplicaUnavailable
@@ -45,6 +45,7 @@ from ..errors import (
     AdapterLimitError,
     AdapterNotFoundError,
     InvalidMergeError,
+    NotSupportedError,
     ReplicaUnavailableError,
     ServiceError,
 )
@@ -148,6 +149,24 @@ class ClusterAdapterService:
         listing = await self.state.listing.remote()
         resident = set(listing["resident"])
         return Listing([self._view(e, listing["active"], resident) for e in listing["adapters"]], listing["active"])
+
+    # ---- residency: each replica keeps its own LRU (Serve multiplexing) -------------------------------------
+
+    async def pin(self, adapter_id: str) -> AdapterView:
+        await self._refuse_residency(adapter_id, "pinning")
+
+    async def unpin(self, adapter_id: str) -> AdapterView:
+        await self._refuse_residency(adapter_id, "unpinning")
+
+    async def prefetch(self, adapter_id: str) -> AdapterView:
+        await self._refuse_residency(adapter_id, "prefetching")
+
+    async def _refuse_residency(self, adapter_id: str, what: str) -> NoReturn:
+        await self._entry(adapter_id)  # an unknown id is a 404 here too
+        raise NotSupportedError(
+            f"{what} adapters is not available on a Ray cluster: each replica keeps its own least recently used "
+            f"set of up to {self.settings.max_adapters_per_replica} adapters (--max-adapters-per-replica) and "
+            "loads the others on first use", {"adapter_id": adapter_id, "operation": what})
 
     async def health(self) -> Health:
         listing = await self.state.listing.remote()

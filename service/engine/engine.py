@@ -167,9 +167,14 @@ class Engine:
 
     async def call(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
         """Run fn(runtime) on the engine thread between decode steps."""
+        return await self.call_soon(fn)
+
+    def call_soon(self, fn: Callable[[AdapterRuntime], Any]) -> asyncio.Future:
+        """Queue fn(runtime) now, without waiting: calls run in the order queued, and every call queued before
+        a decode step runs before it. Await the returned future for the result."""
         future: Future = Future()
         self._inbox.put(_Call(fn, future))
-        return await asyncio.wrap_future(future)
+        return asyncio.wrap_future(future)
 
     def call_sync(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
         """Blocking variant for start-up code that runs outside the event loop."""
