@@ -82,6 +82,11 @@ def test_every_command_against_a_live_server(keyed_server, adapters, tmp_path) -
     assert ok(cli("adapters", "activate", "alpha", env=env)).stdout == "active adapter: alpha\n"
     assert ok(cli("adapters", "deactivate", env=env)).stdout.startswith("no active adapter")
     assert json.loads(ok(cli("adapters", "list", "--json", env=env)).stdout)["active"] is None
+    pinned = ok(cli("adapters", "pin", "alpha", env=env)).stdout
+    assert pinned.startswith("pinned alpha: LORA rank 4") and pinned.endswith(", resident, pinned\n")
+    assert "(pinned)" in ok(cli("adapters", "list", env=env)).stdout
+    assert not json.loads(ok(cli("adapters", "unpin", "alpha", "--json", env=env)).stdout)["pinned"]
+    assert ok(cli("adapters", "prefetch", "beta", env=env)).stdout.startswith("resident beta: LORA rank 8")
 
     merged = ok(cli("adapters", "merge", "alpha:0.5", "beta:0.25", "--id", "mix", "--method", "cat", env=env))
     assert merged.stdout.startswith("merged into mix: LORA rank 12")  # cat stacks the ranks: 4 + 8

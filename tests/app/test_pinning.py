@@ -147,3 +147,30 @@ def test_a_waiting_load_does_not_hold_up_resident_rows(demo_base, demo_tokenizer
         assert _resident(manager) == {"b"}
 
     _run(manager, scenario)
+
+
+def test_waiting_loads_get_slots_first_come_first_served(demo_base, demo_tokenizer, demo_adapters,
+                                                         tmp_path) -> None:
+    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=1)
+    residency = manager.residency
+    loaded: list[str] = []
+
+    async def load(adapter_id: str) -> None:
+        async with residency.lease(adapter_id):
+            await residency.ensure_resident(adapter_id)
+            loaded.append(adapter_id)
+
+    async def scenario() -> None:
+        await _upload(manager, demo_adapters, "b", "c", "a")  # a resident
+        held = residency.lease("a")
+        await held.__aenter__()  # a in use: every load waits
+        tasks = []
+        for adapter_id in ("b", "c"):
+            tasks.append(asyncio.create_task(load(adapter_id)))
+            while len(residency._queue) < len(tasks):  # queued in this order (each pass yields to the loop)
+                await asyncio.sleep(0)
+        await held.__aexit__(None, None, None)
+        await asyncio.gather(*tasks)
+        assert loaded == ["b", "c"] and _resident(manager) == {"c"}
+
+    _run(manager, scenario)
