@@ -166,7 +166,7 @@ class Residency:
         new = adapter_id not in self.pins
         if new:
             pinned = self.pins | {r.id for r in self.registry.records.values() if self.kept(r.id)}
-            if len(pinned) >= self.max_resident:
+            if len(pinned - {adapter_id}) >= self.max_resident:
                 raise PinLimitError(self.max_resident, pinned, adapter_id)
             self.pins.add(adapter_id)
         try:
