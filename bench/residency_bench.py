@@ -179,7 +179,7 @@ def report(results: dict[str, list[Scenario]], bound: tuple[float, float]) -> st
               f"- TTFT p99, loading / resident: **{ttft:.2f}**",
               f"- bound with free loads (`slot_bound`): clients decode {bound[0]:.1%} of the time, {bound[1]:.1%} of "
               f"requests wait for a slot, for up to {bound[2]} decode steps (p99); the throughput ratio cannot pass "
-              "that fraction times the all-resident ratio (`bench.engine_bench`)"]
+              "that fraction times the adapters' own cost per token (`bench.engine_bench`)"]
     return "\n".join(lines)
 
 
