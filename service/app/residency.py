@@ -11,7 +11,7 @@
 
 A load's own path (measured in bench.residency_bench): its tensors are built on a worker thread while it waits
 for a slot; the eviction that makes room is queued on the engine just before its attach, so both run in one
-pause between two decode steps (each costs about a millisecond there); the allocator trim after an eviction
+pause between two decode steps (a few milliseconds there at most); the allocator trim after an eviction
 runs in the background. What a load mostly waits for is a slot: every resident adapter in use.
 
 Lock discipline: event loop thread only. `_room` (a Condition) is notified whenever a slot or an evictable
