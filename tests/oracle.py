@@ -69,6 +69,20 @@ def peft_logits(base: torch.nn.Module, adapter_dir: Path, ids: torch.Tensor) -> 
         return model(input_ids=ids).logits
 
 
+def mixed_batch_logits(runtime, base: torch.nn.Module, dirs: dict[str, Path], rows: list[str | None],
+                       ids: torch.Tensor) -> torch.Tensor:
+    """One forward of `runtime` over a batch whose rows use `rows` (None: the base model), checked row group by
+    row group against PEFT (each adapter alone) and the bare base; returns the mixed logits."""
+    with torch.no_grad(), runtime.route(rows):
+        mixed = runtime.model(input_ids=ids).logits
+    for adapter in set(rows):
+        idx = [i for i, r in enumerate(rows) if r == adapter]
+        with torch.no_grad():
+            expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+        torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
+    return mixed
+
+
 def greedy_tokens(model: torch.nn.Module, ids: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
     """`model.generate`'s greedy continuation of one unpadded prompt, as the server reports it: EOS and all after
     it excluded."""

@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..byte_level import bytes_to_unicode
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo-llama-bytes"
@@ -33,20 +35,6 @@ BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map, the alphabet of the ByteLevel pre-tokenizer."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per UTF-8 byte (id == byte value), plus <s>, </s>, <pad>.
 
@@ -54,7 +42,7 @@ def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     in front like Llama tokenizers do (`add_special_tokens=False` leaves it out). Special-token strings
     typed in the text (`"<s>"`) stay plain bytes (`split_special_tokens`): user text cannot inject them.
     """
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     vocab.update({BOS: BOS_ID, EOS: EOS_ID, PAD: PAD_ID})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..byte_level import bytes_to_unicode
+
 WHITESPACE = r"[ ]?"
 MAX_SCHEMA_BYTES = 32 * 1024  # a schema's JSON text; larger ones are refused before any work
 CACHED_GRAMMARS = 64  # compiled schemas kept (least recently used dropped)
@@ -84,19 +86,6 @@ class GrammarError(ValueError):
     """The schema cannot be used for constrained decoding (invalid, unsupported or too large)."""
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's byte -> printable character map (the alphabet of byte-level BPE tokens)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
-
-
 def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     """The bytes each ordinary token stands for (special tokens left out): byte-level BPE tokens through GPT-2's
     byte map, sentencepiece tokens with `▁` as a space and `<0xAB>` byte fallbacks, others as decoded."""
@@ -104,7 +93,7 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     special = set(getattr(tokenizer, "all_special_ids", ()))
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     byte_level = "ByteLevel" in repr(decoder)
-    byte_map = _byte_decoder() if byte_level else {}
+    byte_map = {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else {}
     out: dict[int, bytes] = {}
     for token, token_id in vocab.items():
         if token_id in special:

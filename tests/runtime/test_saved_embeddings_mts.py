@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 import torch
-from oracle import input_ids, make_peft_adapter, peft_logits, tiny_model
+from oracle import input_ids, make_peft_adapter, mixed_batch_logits, peft_logits, tiny_model
 from safetensors.torch import load_file, save_file
 
 from service.runtime import AdapterRuntime, AdapterValidationError
@@ -111,13 +111,7 @@ def test_mixed_batch_and_delete(tmp_path) -> None:
     for name, path in dirs.items():
         runtime.load(name, path)
     rows = ["mts_emb", None, "plain", "mts_in", "mts_emb", None]
-    ids = input_ids(batch=len(rows), length=6)
-    with torch.no_grad(), runtime.route(rows):
-        mixed = runtime.model(input_ids=ids).logits
-    for adapter in set(rows):
-        idx = [i for i, r in enumerate(rows) if r == adapter]
-        expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
-        torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
+    mixed_batch_logits(runtime, base, dirs, rows, input_ids(batch=len(rows), length=6))
 
     for name in dirs:
         loaded = runtime.adapters[name]
