@@ -29,8 +29,31 @@ def _total(response: httpx.Response) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-def _partial(target: Path) -> Path:
-    return target.with_name(f".{target.name}.part")
+class _PartialFile:
+    """The target's temporary file while chunks arrive: `write` reports progress; on a clean exit the file is
+    renamed to the target, and on any exit nothing is left under the temporary name."""
+
+    def __init__(self, target: Path, total: int | None, progress: DownloadProgress | None) -> None:
+        self.target, self.total, self.progress, self.received = target, total, progress, 0
+        self.path = target.with_name(f".{target.name}.part")
+
+    def __enter__(self) -> _PartialFile:
+        self._file = self.path.open("wb")
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self.received += len(chunk)
+        if self.progress is not None:
+            self.progress(self.received, self.total)
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            self._file.close()
+            if kind is None:
+                os.replace(self.path, self.target)
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 def save_stream(response: httpx.Response, target: Path, progress: DownloadProgress | None) -> Path:
@@ -38,17 +61,9 @@ def save_stream(response: httpx.Response, target: Path, progress: DownloadProgre
     if response.is_error:
         response.read()
         raise ServiceError.from_response(response)
-    total, received, partial = _total(response), 0, _partial(target)
-    try:
-        with partial.open("wb") as f:
-            for chunk in response.iter_bytes():
-                f.write(chunk)
-                received += len(chunk)
-                if progress is not None:
-                    progress(received, total)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with _PartialFile(target, _total(response), progress) as partial:
+        for chunk in response.iter_bytes():
+            partial.write(chunk)
     return target
 
 
@@ -57,15 +72,7 @@ async def asave_stream(response: httpx.Response, target: Path, progress: Downloa
     if response.is_error:
         await response.aread()
         raise ServiceError.from_response(response)
-    total, received, partial = _total(response), 0, _partial(target)
-    try:
-        with partial.open("wb") as f:
-            async for chunk in response.aiter_bytes():
-                f.write(chunk)
-                received += len(chunk)
-                if progress is not None:
-                    progress(received, total)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with _PartialFile(target, _total(response), progress) as partial:
+        async for chunk in response.aiter_bytes():
+            partial.write(chunk)
     return target
