@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,23 @@ ADAPTER_CONFIGS = {
     "gamma": dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
 }
 SERVER_FLAGS = ("--max-upload-bytes", str(8 * 1024 * 1024))  # `server` and `fresh_server`
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (mount's syntax: "4m", bytes) mounted at `mount`, a new directory; the test is
+    skipped where it cannot mount one (needs root and the mount command)."""
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,20 +13,15 @@ import pytest
 
 from service.api.routes_adapters import TemporaryFileResponse
 
-from .conftest import upload
+from .conftest import mounted_tmpfs, upload
 from .server import ServerProcess
 
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A real 4 MiB tmpfs (needs root and mount; skipped where the test cannot mount one)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    """A real 4 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
+        yield disk
 
 
 def _fill(disk: Path, leave: int) -> Path:

@@ -7,14 +7,12 @@ Every store step failing in-process, for every operation: tests/app/test_atomici
 from __future__ import annotations
 
 import errno
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import tree, upload
+from .conftest import mounted_tmpfs, tree, upload
 from .server import ServerProcess
 
 DISK_BYTES = 2 * 1024 * 1024
@@ -22,19 +20,9 @@ DISK_BYTES = 2 * 1024 * 1024
 
 @pytest.fixture()
 def tiny_disk(tmp_path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (needs root and mount permission; skipped otherwise)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+    """A 2 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "disk", str(DISK_BYTES)) as disk:
+        yield disk
 
 
 def fill(path: Path) -> None:
