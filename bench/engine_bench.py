@@ -29,10 +29,12 @@ from service.engine.scheduler import ContinuousBatcher
 from service.engine.sequence import Sequence as EngineSequence
 from service.runtime import AdapterRuntime
 
+from .load import PROMPTS
+
 RANKS = (8, 16, 32, 64)
 TARGET_SETS = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-PROMPT_IDS = [1] + [ord(c) for c in "The weather in "]  # 16 tokens, as bench/load.py
+PROMPT_IDS = [1] + [ord(c) for c in PROMPTS[0]]  # 16 tokens, as bench/load.py
 
 
 def pool_shape(index: int) -> tuple[int, tuple[str, ...]]:
@@ -83,10 +85,12 @@ def closed_loop(batcher: ContinuousBatcher, pick: Callable[[], str | None], clie
 
     def submit() -> None:
         nonlocal submitted
-        submitted += 1
-        seq = EngineSequence(GenerationRequest(list(PROMPT_IDS), pick(), params), lambda e: None)
+        # Request k sends prompt k mod 16: no two rows in flight share one, as in bench/load.py.
+        prompt = [1] + [ord(c) for c in PROMPTS[submitted % len(PROMPTS)]]
+        seq = EngineSequence(GenerationRequest(prompt, pick(), params), lambda e: None)
         seq.emit = lambda event, s=seq: done.append(s) if hasattr(event, "finish_reason") else None
         batcher.waiting.append(seq)
+        submitted += 1
 
     for _ in range(min(clients, requests)):
         submit()

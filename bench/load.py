@@ -23,16 +23,15 @@ from dataclasses import dataclass, replace
 
 import httpx
 
-# Fixed prompts, 15 ASCII characters each: 16 tokens with <s> under the byte-level tokenizer.
+# Fixed prompts, 15 ASCII characters each: 16 tokens with <s> under the byte-level tokenizer. One per client
+# (16), so no two requests in flight share a prompt: the engine prefills identical (adapter, prompt) pairs once,
+# and with fewer prompts the base model's clients would share prefills that clients of different adapters
+# cannot, which a comparison of adapters against the base would count as adapter overhead.
 PROMPTS = (
-    "The weather in ",
-    "Once upon a tim",
-    "My favourite bo",
-    "To make bread, ",
-    "The capital of ",
-    "In the year 210",
-    "A good program ",
-    "Dear customer, ",
+    "The weather in ", "Once upon a tim", "My favourite bo", "To make bread, ",
+    "The capital of ", "In the year 210", "A good program ", "Dear customer, ",
+    "The best way to", "Yesterday I saw", "Our new product", "How do I learn ",
+    "The river flows", "Please write a ", "At the station,", "Ten facts about",
 )
 
 

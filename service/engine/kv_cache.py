@@ -101,21 +101,32 @@ def prefilled(keys: list[torch.Tensor], values: list[torch.Tensor], length: int)
 
 
 def merge(
-    cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_mask: torch.Tensor
+    cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_mask: torch.Tensor,
+    order: list[int] | None = None,
 ) -> tuple[DynamicCache, torch.Tensor]:
-    """Append the rows of (new_cache, new_mask) after the rows of (cache, mask), both right-aligned."""
+    """Append the rows of (new_cache, new_mask) after the rows of (cache, mask), both right-aligned; with
+    `order`, row i of the result is row order[i] of that concatenation (written there in the same copy)."""
     length = max(mask.shape[1], new_mask.shape[1])
-    old_rows = mask.shape[0]
+    old_rows, rows = mask.shape[0], mask.shape[0] + new_mask.shape[0]
+    old_at: slice | torch.Tensor = slice(0, old_rows)
+    new_at: slice | torch.Tensor = slice(old_rows, rows)
+    if order is not None:
+        at = torch.empty(rows, dtype=torch.long, device=mask.device)  # each concatenated row's place in the result
+        at[torch.tensor(order, dtype=torch.long, device=mask.device)] = torch.arange(rows, device=mask.device)
+        old_at, new_at = at[:old_rows], at[old_rows:]
     for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
         merged = []
         for old, new in ((layer.keys, new_layer.keys), (layer.values, new_layer.values)):
             b, h, _, d = old.shape
-            buf = old.new_zeros((b + new.shape[0], h, length + SPARE_COLUMNS, d))
-            buf[:old_rows, :, length - old.shape[2]: length] = old
-            buf[old_rows:, :, length - new.shape[2]: length] = new
+            buf = old.new_zeros((rows, h, length + SPARE_COLUMNS, d))
+            buf[old_at, :, length - old.shape[2]: length] = old
+            buf[new_at, :, length - new.shape[2]: length] = new
             merged.append(buf)
         _set(layer, merged[0], merged[1], length)
-    return cache, torch.cat([_pad_left(mask, length, 1), _pad_left(new_mask, length, 1)])
+    merged_mask = torch.cat([_pad_left(mask, length, 1), _pad_left(new_mask, length, 1)])
+    if order is not None:
+        merged_mask = merged_mask[torch.tensor(order, dtype=torch.long, device=mask.device)]
+    return cache, merged_mask
 
 
 def select_rows(cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

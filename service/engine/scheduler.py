@@ -40,6 +40,17 @@ def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def grouped_order(keys: list[str | None]) -> list[int] | None:
+    """The row order that makes each adapter's rows one contiguous run (groups in order of first appearance, rows
+    in their order within a group), or None when they already are: the stacked LoRA path then applies each
+    adapter to a slice of the batch, with no per-row gather (runtime/adapter_types/lora/stacked.py)."""
+    first: dict[str | None, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    order = sorted(range(len(keys)), key=lambda i: first[keys[i]])
+    return None if order == list(range(len(keys))) else order
+
+
 @dataclass(eq=False)
 class _Prompt:
     """One distinct (adapter, prompt) of an admission: the rows that share its prefill, and its cached blocks."""
@@ -148,6 +159,9 @@ class ContinuousBatcher:
 
     def _prefill(self, prompts: list[_Prompt]) -> None:
         """One forward for the distinct prompts (each on its cached prefix), then one batch row per request."""
+        order = grouped_order([p.adapter_id for p in prompts])  # each adapter's prompts adjacent, as in decode
+        if order is not None:
+            prompts = [prompts[i] for i in order]
         seqs = [s for p in prompts for s in p.seqs]
         cached = [p.cached for p in prompts]
         rest = [len(p.prompt_ids) - c for p, c in zip(prompts, cached, strict=True)]
@@ -176,14 +190,26 @@ class ContinuousBatcher:
             mask = kv_cache.select_rows(cache, mask, index)
             logits, next_pos = logits[index], next_pos[index]
         last = torch.full_like(next_pos, self.pad_id)
+        rows = [*self.running, *seqs]
+        order = grouped_order([s.request.adapter_id for s in rows])
         if self._cache is None:
             self._cache, self._mask, self._next_pos, self._last = cache, mask, next_pos, last
+            if order is not None:
+                index = torch.tensor(order, dtype=torch.long, device=self.device)
+                self._mask = kv_cache.select_rows(self._cache, self._mask, index)
         else:
-            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, mask)
+            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, mask, order)
             self._next_pos = torch.cat([self._next_pos, next_pos])
             self._last = torch.cat([self._last, last])
-        self.running.extend(seqs)  # counted as running before their first token is reported
-        self._last[-len(seqs):] = self._sample(seqs, logits)
+        at = list(range(len(rows)))  # each row's position in the batch after the join
+        if order is not None:
+            index = torch.tensor(order, dtype=torch.long, device=self.device)
+            self._next_pos, self._last = self._next_pos[index], self._last[index]
+            for position, row in enumerate(order):
+                at[row] = position
+        self.running = [rows[i] for i in order] if order is not None else rows  # running before their first token
+        new_rows = torch.tensor(at[len(rows) - len(seqs):], dtype=torch.long, device=self.device)
+        self._last[new_rows] = self._sample(seqs, logits)
 
     def _cached_past(self, prompts: list[_Prompt], width_cached: int, width: int) -> kv_cache.GrowingCache:
         """A cache holding each prompt's cached blocks right-aligned in the first `width_cached` columns (zeros

@@ -82,7 +82,8 @@ class AdaptedModule(nn.Module):
         # Output-side adapters only: run the base once for the whole batch, then adapt the rows.
         base = self.base_layer
         y = F.linear(x, base.weight, base.bias) if plan.plain_linear else base(x)
-        if plan.stack is not None and x.numel() == x.shape[0] * x.shape[-1]:  # one token per row: a decode step
+        if plan.stack is not None and (x.numel() == x.shape[0] * x.shape[-1]  # one token per row: a decode step
+                                       or plan.tokens_ok(x)):  # a prefill the stack takes too
             return plan.stack.apply(x, y, plan.layout)
         for g in plan.groups:
             y[g.rows] = self.adapters[g.adapter_id].adapt_output(self.base_layer, x[g.rows], y[g.rows])
@@ -183,6 +184,11 @@ class _Plan:
     the output of rows (`stack` and `layout` set when the adapters' stacked form applies)."""
 
     __slots__ = ("mode", "groups", "stack", "layout", "plain_linear")
+
+    def tokens_ok(self, x: torch.Tensor) -> bool:
+        """Whether the stack also applies to rows of several tokens (its optional `applies_to_tokens`)."""
+        applies = getattr(self.stack, "applies_to_tokens", None)
+        return applies is not None and applies(self.layout, x)
 
     def __init__(self, mode: str, groups: list[RowGroup]) -> None:
         self.mode = mode  # "base" | "split" | "rows"

@@ -222,3 +222,35 @@ def test_segmented_decode_on_a_bfloat16_base(tmp_path, monkeypatch) -> None:
             out[launch] = model(input_ids=ids).logits
     assert runtime._wrappers["model.layers.0.self_attn.q_proj"]._plan.layout.segments is None
     torch.testing.assert_close(out[0.0], out[1e12], rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("length", [1, 5], ids=["decode", "prefill"])
+def test_contiguous_rows_run_per_adapter_and_equal_peft(tmp_path, length: int) -> None:
+    """Rows grouped by adapter (as the engine keeps them) take the per-adapter runs: two matmuls per adapter on
+    its own rows, in decode steps and in prefills alike; every row equals its adapter alone (PEFT). Rows of a
+    module's absent adapters and of the base sit between the runs."""
+    base = tiny_model("llama")
+    configs = {
+        "r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        "r8": dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
+        "r4": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"]),
+    }
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 31, **kw) for i, (n, kw) in enumerate(configs.items())}
+    model = copy.deepcopy(base)
+    runtime = AdapterRuntime(model)
+    for name, path in dirs.items():
+        runtime.load(name, path)
+    rows = ["r8", "r8", "r2", None, "r4", "r4", "r2"]  # r2 is split by base and r4 rows: no run on q_proj
+    grouped = ["r8", "r8", "r2", "r2", None, "r4", "r4"]
+    for order, runs_on_q in ((rows, False), (grouped, True)):
+        ids = input_ids(batch=len(order), length=length, seed=5)
+        with torch.no_grad(), runtime.route(order):
+            mixed = model(input_ids=ids).logits
+        q = runtime._wrappers["model.layers.0.self_attn.q_proj"]
+        assert (q._plan.layout.runs is not None) == runs_on_q
+        if runs_on_q:
+            assert [(r0, r1) for r0, r1, *_ in q._plan.layout.runs] == [(0, 2), (2, 4)]
+        for adapter in set(order):
+            idx = [i for i, r in enumerate(order) if r == adapter]
+            expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+            torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)

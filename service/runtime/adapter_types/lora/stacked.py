@@ -22,7 +22,14 @@ layer itself. So a batch layout is cut into segments, runs of adapters that are 
         delta[r0:r1] = h @ Bt[c0:c1]              # (rows, out)
     y += delta[unperm]                            # back in batch order; rows without an adapter add 0
 
-Each extra segment costs a few kernel launches; `partition` picks the cut that minimises multiply-adds plus
+When each adapter's rows are one contiguous run of the batch (the engine keeps its rows grouped by adapter,
+`engine/scheduler.py`), a CPU step needs neither the sort nor the mask: two kernels per adapter, each on its own
+rows and its own columns only, adding into the base output in place:
+
+    for each adapter with rows (rows r0:r1, columns c0:c1):
+        y[r0:r1] += scaling * ((x[r0:r1] @ A[c0:c1].T) @ Bt[c0:c1])
+
+Otherwise each extra segment costs a few kernel launches; `partition` picks the cut that minimises multiply-adds plus
 launches priced at `launch_cost(device)` multiply-adds (high on CUDA, where one stack of three kernels stays
 best). Results equal the per-group path up to floating-point accumulation order (scaling is applied before
 B, not after). The stack is built once when an adapter it lacks joins the batch (the wrapper keeps a stack
@@ -55,7 +62,8 @@ def launch_cost(device: torch.device) -> float:
 
 @dataclass(eq=False)
 class StackLayout:
-    """How one batch layout runs on a stack: `segments` is None for the whole-batch path (three kernels), else
+    """How one batch layout runs on a stack: `runs` (row start, row end, column start, column end, scaling) per
+    adapter when its rows are contiguous; else `segments` None for the whole-batch path (three kernels), or
     (row start, row end, column start, column end, mask) per segment over the rows sorted by `perm`."""
 
     mask: torch.Tensor  # whole batch: (B, R); segments: unused (empty)
@@ -63,6 +71,7 @@ class StackLayout:
     perm: torch.Tensor | None = None  # (n,) the batch rows that use the stack, grouped by segment
     unperm: torch.Tensor | None = None  # (B,) each batch row's position in perm (n: a zero row, no adapter here)
     segments: tuple[tuple[int, int, int, int, torch.Tensor], ...] | None = None
+    runs: tuple[tuple[int, int, int, int, float], ...] | None = None
 
 
 @dataclass(eq=False)
@@ -122,14 +131,18 @@ class StackedLora:
         for s in slots:
             if s < n:
                 counts[s] += 1
+        starts = [0]
+        for r in self.ranks:
+            starts.append(starts[-1] + r)
+        runs = _runs(slots, n)
+        if runs is not None and self.bias is None and launch_cost(device) < DEFAULT_LAUNCH_COST_MACS:
+            return StackLayout(self.A.new_empty(0), slot, runs=tuple(
+                (r0, r1, starts[k], starts[k + 1], self.scalings[k]) for k, (r0, r1) in runs.items()))
         segments = None if self.bias is not None else partition(
             counts, self.ranks, self.A.shape[1] + self.Bt.shape[1], len(slots), launch_cost(device))
         if segments is None:
             mask = (slot[:, None] == self.col_owner[None, :]).to(self.A.dtype) * self.col_scale  # (B, R)
             return StackLayout(mask, slot)
-        starts = [0]
-        for r in self.ranks:
-            starts.append(starts[-1] + r)
         rows: list[int] = []
         out = []
         for first, last in segments:  # adapters first..last-1
@@ -146,17 +159,26 @@ class StackedLora:
         return StackLayout(self.A.new_empty(0), slot, torch.tensor(rows, dtype=torch.long, device=device),
                            torch.tensor(unperm, dtype=torch.long, device=device), tuple(out))
 
+    @staticmethod
+    def applies_to_tokens(layout: StackLayout, x: torch.Tensor) -> bool:
+        """Whether `apply` takes x with several tokens per row (a prefill): only per-adapter runs do."""
+        return layout.runs is not None and x.is_contiguous()
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, layout: StackLayout) -> torch.Tensor:
-        """One decode step: x (B, ..., in) input with one token per row, y (B, ..., out) base output (updated in
-        place when dtypes allow)."""
-        xa = x.reshape(x.shape[0], x.shape[-1])
+        """x (B, ..., in) input, y (B, ..., out) base output (updated in place when dtypes allow). One token per
+        row (a decode step), or, with `layout.runs` and a contiguous x, any number (T) of tokens per row."""
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])  # T: the flattened rows of batch row i are i*T..(i+1)*T
+        xa = x.reshape(-1, x.shape[-1])  # (B*T, in)
         if xa.dtype != self.A.dtype:
             xa = xa.to(self.A.dtype)
         in_place = y.dtype == self.A.dtype and y.is_contiguous()
-        # (B, out): y itself, or a copy in the adapter dtype (half bases add in fp32 and round once, as PEFT)
-        acc = y.view(y.shape[0], y.shape[-1]) if in_place else y.reshape(y.shape[0], y.shape[-1]).to(
-            self.A.dtype, copy=True)
-        if layout.segments is None:
+        # (B*T, out): y itself, or a copy in the adapter dtype (half bases add in fp32 and round once, as PEFT)
+        acc = y.view(-1, y.shape[-1]) if in_place else y.reshape(-1, y.shape[-1]).to(self.A.dtype, copy=True)
+        if layout.runs is not None:
+            for r0, r1, c0, c1, scaling in layout.runs:  # (rows, in) @ (in, cols) @ (cols, out), into y's rows
+                r0, r1 = r0 * tokens, r1 * tokens
+                acc[r0:r1].addmm_(F.linear(xa[r0:r1], self.A[c0:c1]), self.Bt[c0:c1], alpha=scaling)
+        elif layout.segments is None:
             h = F.linear(xa, self.A).mul_(layout.mask)  # (B, R)
             if self.bias is None:
                 acc.addmm_(h, self.Bt)
@@ -173,6 +195,20 @@ class StackedLora:
         if in_place:
             return y
         return acc.to(y.dtype).view(y.shape)
+
+
+def _runs(slots: list[int], n: int) -> dict[int, tuple[int, int]] | None:
+    """Each stack adapter's rows as one run [r0, r1) of the batch (slot n: a row without an adapter here), or
+    None when some adapter's rows are not contiguous."""
+    runs: dict[int, tuple[int, int]] = {}
+    for row, k in enumerate(slots):
+        if k == n:
+            continue
+        r0, r1 = runs.get(k, (row, row))
+        if r1 != row:
+            return None
+        runs[k] = (r0, row + 1)
+    return runs
 
 
 def partition(counts: list[int], ranks: tuple[int, ...], width: int, batch: int,
