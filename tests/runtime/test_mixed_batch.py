@@ -157,6 +157,23 @@ def test_stack_survives_batch_changes_and_rows_stay_exact(tmp_path) -> None:
     assert all(s is stacks[0] for s in stacks), "the stack is built once for these layouts"
 
 
+def test_runs_or_whole_batch_by_cost(tmp_path) -> None:
+    """Contiguous rows take per-adapter runs when they cost less than the whole-batch stack (at CPU launch cost:
+    many adapters of large rank on few rows each), and the stack's three kernels when runs cost more."""
+    from types import SimpleNamespace
+
+    from service.runtime.adapter_types.lora.stacked import StackedLora
+
+    def lora(rank: int) -> SimpleNamespace:  # what StackedLora.build reads of a LoraFactors
+        return SimpleNamespace(kind="linear", A=torch.randn(rank, 512), B=torch.randn(512, rank), scaling=2.0,
+                               rank=rank, bias=None, dora_scale=None)
+
+    big = StackedLora.build(tuple(f"a{i}" for i in range(10)), [lora(64) for _ in range(10)])
+    assert big.layout(tuple(f"a{i}" for i in range(10) for _ in range(2))).runs is not None
+    small = StackedLora.build(("a", "b"), [lora(4), lora(4)])
+    assert small.layout(("a",) * 8 + ("b",) * 8).runs is None
+
+
 def test_partition_cuts_by_cost() -> None:
     """Adapters (in stack order) with rows become segments when launches are cheap; one stack when dear."""
     from service.runtime.adapter_types.lora.stacked import partition
@@ -225,10 +242,13 @@ def test_segmented_decode_on_a_bfloat16_base(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("length", [1, 5], ids=["decode", "prefill"])
-def test_contiguous_rows_run_per_adapter_and_equal_peft(tmp_path, length: int) -> None:
-    """Rows grouped by adapter (as the engine keeps them) take the per-adapter runs: two matmuls per adapter on
-    its own rows, in decode steps and in prefills alike; every row equals its adapter alone (PEFT). Rows of a
-    module's absent adapters and of the base sit between the runs."""
+def test_contiguous_rows_run_per_adapter_and_equal_peft(tmp_path, monkeypatch, length: int) -> None:
+    """Rows grouped by adapter (as the engine keeps them) take the per-adapter runs when launches are cheap: two
+    matmuls per adapter on its own rows, in decode steps and in prefills alike; every row equals its adapter
+    alone (PEFT). Rows of a module's absent adapters and of the base sit between the runs."""
+    from service.runtime.adapter_types.lora import stacked
+
+    monkeypatch.setitem(stacked.LAUNCH_COST_MACS, "cpu", 0.0)
     base = tiny_model("llama")
     configs = {
         "r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),

@@ -134,12 +134,15 @@ class StackedLora:
         starts = [0]
         for r in self.ranks:
             starts.append(starts[-1] + r)
-        runs = _runs(slots, n)
-        if runs is not None and self.bias is None and launch_cost(device) < DEFAULT_LAUNCH_COST_MACS:
+        runs = _runs(slots, n) if self.bias is None else None
+        width, launch = self.A.shape[1] + self.Bt.shape[1], launch_cost(device)
+        # Two launches per adapter and only its own multiply-adds, against the whole-batch stack's three launches
+        # and every row times every column (8 rank-16 adapters of 2 rows each: about even; many adapters: runs).
+        if runs is not None and (2 * launch * len(runs) + sum(counts[k] * self.ranks[k] for k in runs) * width
+                                 < 3 * launch + len(slots) * self.rank_total * width):
             return StackLayout(self.A.new_empty(0), slot, runs=tuple(
                 (r0, r1, starts[k], starts[k + 1], self.scalings[k]) for k, (r0, r1) in runs.items()))
-        segments = None if self.bias is not None else partition(
-            counts, self.ranks, self.A.shape[1] + self.Bt.shape[1], len(slots), launch_cost(device))
+        segments = None if self.bias is not None else partition(counts, self.ranks, width, len(slots), launch)
         if segments is None:
             mask = (slot[:, None] == self.col_owner[None, :]).to(self.A.dtype) * self.col_scale  # (B, R)
             return StackLayout(mask, slot)
