@@ -40,8 +40,8 @@ class AdaptedModule(nn.Module):
         # hold adapters that have left the batch: it is rebuilt only when an adapter it lacks joins.
         self._stack: Any = None
         # What this module does for one batch layout, computed at its first forward and reused by every decode
-        # step with the same layout: (assignment, router generation) -> _Plan.
-        self._plan_key: tuple[RowAssignment, int] | None = None
+        # step with the same layout: (assignment, router generation, one token per row) -> _Plan.
+        self._plan_key: tuple[RowAssignment, int, bool] | None = None
         self._plan: _Plan | None = None
         # The fused adapter's merged copy of the base module: its rows run at bare-module speed.
         self.fused: tuple[str, nn.Module] | None = None
@@ -68,8 +68,10 @@ class AdaptedModule(nn.Module):
         if assignment.groups is None:
             return self._forward_one(assignment.uniform, x, *args, **kwargs)
         plan = self._plan
-        if self._plan_key is None or self._plan_key[0] is not assignment or self._plan_key[1] != self.router.generation:
-            plan = self._make_plan(assignment)
+        decode = x.numel() == x.shape[0] * x.shape[-1]  # one token per row
+        key = self._plan_key
+        if key is None or key[0] is not assignment or key[1] != self.router.generation or key[2] != decode:
+            plan = self._make_plan(assignment, decode)
         if plan.mode == "base":
             return self.base_layer(x, *args, **kwargs)
         if x.shape[0] != assignment.batch_size:
@@ -82,14 +84,20 @@ class AdaptedModule(nn.Module):
         # Output-side adapters only: run the base once for the whole batch, then adapt the rows.
         base = self.base_layer
         y = F.linear(x, base.weight, base.bias) if plan.plain_linear else base(x)
-        if plan.stack is not None and (x.numel() == x.shape[0] * x.shape[-1]  # one token per row: a decode step
-                                       or plan.tokens_ok(x)):  # a prefill the stack takes too
+        if plan.stack is not None:  # a decode step
             return plan.stack.apply(x, y, plan.layout)
         for g in plan.groups:
-            y[g.rows] = self.adapters[g.adapter_id].adapt_output(self.base_layer, x[g.rows], y[g.rows])
+            adapter = self.adapters[g.adapter_id]
+            if g.span is None:
+                y[g.rows] = adapter.adapt_output(self.base_layer, x[g.rows], y[g.rows])
+                continue
+            rows = y[g.span[0]:g.span[1]]  # contiguous rows (the engine groups them): views, no gather or scatter
+            out = adapter.adapt_output(self.base_layer, x[g.span[0]:g.span[1]], rows)
+            if out is not rows:
+                rows.copy_(out)
         return y
 
-    def _make_plan(self, assignment: RowAssignment) -> _Plan:
+    def _make_plan(self, assignment: RowAssignment, decode: bool) -> _Plan:
         held = self.adapter_ids
         groups = [g for g in assignment.groups or () if g.adapter_id in held]
         if not groups:
@@ -98,7 +106,9 @@ class AdaptedModule(nn.Module):
             plan = _Plan("split", groups)
         else:
             plan = _Plan("rows", groups)
-            stack = self._stack_for(tuple(g.adapter_id for g in groups))
+            # Decode steps only: a prefill's adapters differ from the running batch's, and building their stack
+            # would cost a copy of their weights per module at every admission, then another at the next step.
+            stack = self._stack_for(tuple(g.adapter_id for g in groups)) if decode else None
             if stack is not None:
                 # The layout depends only on the rows' adapters and the stack's layout key: shared across modules.
                 key = ("stack_layout", stack.layout_key)
@@ -107,7 +117,7 @@ class AdaptedModule(nn.Module):
                     layout = assignment.memo[key] = stack.layout(assignment.row_adapters)
                 plan.stack, plan.layout = stack, layout
             plan.plain_linear = _plain_linear(self.base_layer)
-        self._plan_key, self._plan = (assignment, self.router.generation), plan
+        self._plan_key, self._plan = (assignment, self.router.generation, decode), plan
         return plan
 
     def _whole_module(self, adapter_id: str | None) -> bool:
@@ -184,11 +194,6 @@ class _Plan:
     the output of rows (`stack` and `layout` set when the adapters' stacked form applies)."""
 
     __slots__ = ("mode", "groups", "stack", "layout", "plain_linear")
-
-    def tokens_ok(self, x: torch.Tensor) -> bool:
-        """Whether the stack also applies to rows of several tokens (its optional `applies_to_tokens`)."""
-        applies = getattr(self.stack, "applies_to_tokens", None)
-        return applies is not None and applies(self.layout, x)
 
     def __init__(self, mode: str, groups: list[RowGroup]) -> None:
         self.mode = mode  # "base" | "split" | "rows"

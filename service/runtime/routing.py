@@ -19,6 +19,7 @@ import torch
 class RowGroup:
     adapter_id: str | None  # None = base model
     rows: torch.Tensor  # (n,) int64 row indices into the batch, on the model device
+    span: tuple[int, int] | None = None  # (first, stop) when the rows are contiguous: slices instead of gathers
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class RowAssignment:
         if len(positions) == 1:
             return RowAssignment(uniform=next(iter(positions)))
         groups = tuple(
-            RowGroup(adapter_id, torch.tensor(rows, dtype=torch.long, device=device))
+            RowGroup(adapter_id, torch.tensor(rows, dtype=torch.long, device=device),
+                     (rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else None)
             for adapter_id, rows in positions.items()
         )
         return RowAssignment(groups=groups, batch_size=len(row_adapters), row_adapters=tuple(row_adapters))

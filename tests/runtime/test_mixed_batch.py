@@ -243,9 +243,10 @@ def test_segmented_decode_on_a_bfloat16_base(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("length", [1, 5], ids=["decode", "prefill"])
 def test_contiguous_rows_run_per_adapter_and_equal_peft(tmp_path, monkeypatch, length: int) -> None:
-    """Rows grouped by adapter (as the engine keeps them) take the per-adapter runs when launches are cheap: two
-    matmuls per adapter on its own rows, in decode steps and in prefills alike; every row equals its adapter
-    alone (PEFT). Rows of a module's absent adapters and of the base sit between the runs."""
+    """Rows grouped by adapter (as the engine keeps them): a decode step takes the per-adapter runs when launches
+    are cheap (two matmuls per adapter on its own rows), a prefill the per-group path on slices of rows, with no
+    stack built for it; every row equals its adapter alone (PEFT). Rows of a module's absent adapters and of the
+    base sit between the runs."""
     from service.runtime.adapter_types.lora import stacked
 
     monkeypatch.setitem(stacked.LAUNCH_COST_MACS, "cpu", 0.0)
@@ -267,9 +268,13 @@ def test_contiguous_rows_run_per_adapter_and_equal_peft(tmp_path, monkeypatch, l
         with torch.no_grad(), runtime.route(order):
             mixed = model(input_ids=ids).logits
         q = runtime._wrappers["model.layers.0.self_attn.q_proj"]
-        assert (q._plan.layout.runs is not None) == runs_on_q
-        if runs_on_q:
-            assert [(r0, r1) for r0, r1, *_ in q._plan.layout.runs] == [(0, 2), (2, 4)]
+        if length > 1:
+            assert q._plan.stack is None
+            assert [g.span for g in q._plan.groups] == ([(0, 2), (2, 4)] if runs_on_q else [(0, 2), None])
+        else:
+            assert (q._plan.layout.runs is not None) == runs_on_q
+            if runs_on_q:
+                assert [(r0, r1) for r0, r1, *_ in q._plan.layout.runs] == [(0, 2), (2, 4)]
         for adapter in set(order):
             idx = [i for i, r in enumerate(order) if r == adapter]
             expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits

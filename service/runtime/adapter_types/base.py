@@ -165,9 +165,7 @@ class ModuleAdapter(ABC):
         - `layout_key`: hashable; stacks with equal keys give equal layouts (shared between modules);
         - `layout(row_adapters) -> object`: what one batch layout needs (row_adapters: each row's
           adapter id or None, in batch order; ids it does not hold mean "no adapter");
-        - `apply(x, y, layout) -> y`: the output of every row with its adapter applied (one token per row);
-        - optionally `applies_to_tokens(layout, x) -> bool`: whether `apply` also takes this x of several tokens
-          per row (a prefill).
+        - `apply(x, y, layout) -> y`: the output of every row with its adapter applied (one token per row).
         The wrapper may keep a stack holding adapters that have left the batch (their rows are simply absent).
         """
         return None

@@ -24,7 +24,8 @@ layer itself. So a batch layout is cut into segments, runs of adapters that are 
 
 When each adapter's rows are one contiguous run of the batch (the engine keeps its rows grouped by adapter,
 `engine/scheduler.py`), a CPU step needs neither the sort nor the mask: two kernels per adapter, each on its own
-rows and its own columns only, adding into the base output in place:
+rows and its own columns only, adding into the base output in place (prefills take the per-group path, on
+slices of rows too: `adapted_module.py`):
 
     for each adapter with rows (rows r0:r1, columns c0:c1):
         y[r0:r1] += scaling * ((x[r0:r1] @ A[c0:c1].T) @ Bt[c0:c1])
@@ -162,24 +163,18 @@ class StackedLora:
         return StackLayout(self.A.new_empty(0), slot, torch.tensor(rows, dtype=torch.long, device=device),
                            torch.tensor(unperm, dtype=torch.long, device=device), tuple(out))
 
-    @staticmethod
-    def applies_to_tokens(layout: StackLayout, x: torch.Tensor) -> bool:
-        """Whether `apply` takes x with several tokens per row (a prefill): only per-adapter runs do."""
-        return layout.runs is not None and x.is_contiguous()
-
     def apply(self, x: torch.Tensor, y: torch.Tensor, layout: StackLayout) -> torch.Tensor:
-        """x (B, ..., in) input, y (B, ..., out) base output (updated in place when dtypes allow). One token per
-        row (a decode step), or, with `layout.runs` and a contiguous x, any number (T) of tokens per row."""
-        tokens = x.numel() // (x.shape[0] * x.shape[-1])  # T: the flattened rows of batch row i are i*T..(i+1)*T
-        xa = x.reshape(-1, x.shape[-1])  # (B*T, in)
+        """One decode step: x (B, ..., in) input with one token per row, y (B, ..., out) base output (updated in
+        place when dtypes allow)."""
+        xa = x.reshape(x.shape[0], x.shape[-1])
         if xa.dtype != self.A.dtype:
             xa = xa.to(self.A.dtype)
         in_place = y.dtype == self.A.dtype and y.is_contiguous()
-        # (B*T, out): y itself, or a copy in the adapter dtype (half bases add in fp32 and round once, as PEFT)
-        acc = y.view(-1, y.shape[-1]) if in_place else y.reshape(-1, y.shape[-1]).to(self.A.dtype, copy=True)
+        # (B, out): y itself, or a copy in the adapter dtype (half bases add in fp32 and round once, as PEFT)
+        acc = y.view(y.shape[0], y.shape[-1]) if in_place else y.reshape(y.shape[0], y.shape[-1]).to(
+            self.A.dtype, copy=True)
         if layout.runs is not None:
             for r0, r1, c0, c1, scaling in layout.runs:  # (rows, in) @ (in, cols) @ (cols, out), into y's rows
-                r0, r1 = r0 * tokens, r1 * tokens
                 acc[r0:r1].addmm_(F.linear(xa[r0:r1], self.A[c0:c1]), self.Bt[c0:c1], alpha=scaling)
         elif layout.segments is None:
             h = F.linear(xa, self.A).mul_(layout.mask)  # (B, R)
