@@ -192,6 +192,19 @@ def _unwrapped_forward(runtime: AdapterRuntime, model, ids, cache, mask=None, po
             setattr(parent, attr, wrapper)
 
 
+def weights_read(model: torch.nn.Module, runtime: AdapterRuntime, pick: Callable[[], str | None], rows: int = 16,
+                 batches: int = 4000) -> tuple[float, float]:
+    """(base, LoRA) bytes of weights one decode step of `rows` rows reads: every base Linear (the layers and the
+    LM head; the embedding is a lookup), and the mean over `batches` draws of `pick` of the distinct adapters' A/B.
+    A decode step that is bound by reading weights then runs at about base / (base + LoRA) of the base's speed:
+    the base's weights serve all rows at once, an adapter's only its own."""
+    base = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and not isinstance(m, torch.nn.Embedding))
+    adapter_bytes = {name: loaded.resident_bytes for name, loaded in runtime.adapters.items()}
+    lora = sum(sum(adapter_bytes[a] for a in {pick() for _ in range(rows)} - {None}) for _ in range(batches))
+    return float(base), lora / batches
+
+
 def throughput(cache_dir: Path, repeats: int, requests: int = 32, clients: int = 16,
                max_new_tokens: int = 32) -> dict[str, list[float]]:
     """Tokens per CPU second of each scenario, run interleaved `repeats` times (one list entry per repeat)."""
@@ -222,6 +235,8 @@ def throughput(cache_dir: Path, repeats: int, requests: int = 32, clients: int =
     for _ in range(repeats):
         for label, pick in scenarios.items():
             results[label].append(run(pick))
+    base_bytes, lora_bytes = weights_read(model, runtime, zipf_picker([n for n, _ in pool], 1.0, 1))
+    results["weights read per decode step, MB: base / 48 adapters (Zipf)"] = [base_bytes / 1e6, lora_bytes / 1e6]
     return results
 
 
@@ -239,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     runs = throughput(args.cache_dir, args.repeats)
+    base_mb, lora_mb = runs.pop("weights read per decode step, MB: base / 48 adapters (Zipf)")
     base, zipf = runs["base model"], runs["48 adapters, Zipf(1.0), all resident"]
     single, mixed = runs["one rank-16 adapter"], runs["8 rank-16 adapters mixed"]
 
@@ -249,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
              *(f"| {k} | {statistics.median(v):.1f} |" for k, v in runs.items()), "",
              f"- 48 adapters (Zipf) / base: **{ratio(zipf, base):.3f}**",
              f"- 8 mixed / one adapter: **{ratio(mixed, single):.3f}**",
-             f"- LoRA overhead per token vs base: **{(ratio(base, single) - 1) * 100:+.1f}%**"]
+             f"- LoRA overhead per token vs base: **{(ratio(base, single) - 1) * 100:+.1f}%**",
+             f"- weights one decode step of 16 rows reads: base {base_mb:.1f} MB, the 48-adapter batch's LoRA "
+             f"{lora_mb:.1f} MB on average: a step bound by reading weights would run at "
+             f"**{base_mb / (base_mb + lora_mb):.3f}** of the base's speed"]
     host = host_overhead(args.cache_dir, repeats=args.repeats)
     lines += ["", "| decode step, thin model (32 layers, hidden 64), 16 rows | CPU ms |", "|---|---:|",
               *(f"| {k} | {v:.2f} |" for k, v in host.items()), "",
