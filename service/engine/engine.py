@@ -176,6 +176,21 @@ class Engine:
         self._inbox.put(_Call(fn, future))
         return asyncio.wrap_future(future)
 
+    def swap_out(self, adapter_id: str) -> asyncio.Future:
+        """Queue, as `call_soon`, one call that parks the adapter's requests (each row keeps its state:
+        `ContinuousBatcher.park`) and detaches it; the future gives the bytes freed. Its requests go on, exactly
+        where they stopped, as soon as it is attached again (`_execute`), or end with `fail_parked`."""
+
+        def swap(rt: AdapterRuntime) -> int:
+            self.batcher.park(adapter_id)
+            return rt.delete(adapter_id)
+
+        return self.call_soon(swap)
+
+    def fail_parked(self, adapter_id: str, exc: BaseException) -> asyncio.Future:
+        """Queue `ContinuousBatcher.fail_parked`: the adapter's parked requests end with `exc`."""
+        return self.call_soon(lambda _: self.batcher.fail_parked(adapter_id, exc))
+
     def call_sync(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
         """Blocking variant for start-up code that runs outside the event loop."""
         if not self._thread.is_alive():
@@ -227,6 +242,7 @@ class Engine:
         # An adapter the call deleted, replaced or (un)fused loses its cached prefixes before the caller hears
         # back: its stale keys/values are freed now, and never reused.
         self.batcher.forget_changed_adapters()
+        self.batcher.unpark_attached()  # parked requests of an adapter attached again go on from the next step
         if error is None:
             call.future.set_result(result)
         else:
