@@ -67,7 +67,8 @@ def test_cancelled_parked_row_is_dropped(make_engine, demo_tokenizer, demo_adapt
         for _ in range(other._events.qsize() + 1):  # ... then one from a step after it
             firsts[2].append((await anext(streams[2])).token_id)
         parked = await engine.call(lambda rt: engine.batcher.parked["a"])
-        assert parked.rows == [kept.sequence] and parked.mask.shape[0] == 1 and parked.cache.layers[0].keys.shape[0] == 1
+        assert parked.rows == [kept.sequence]
+        assert parked.mask.shape[0] == 1 and parked.cache.layers[0].keys.shape[0] == 1, "its keys/values are freed"
         await engine.call(lambda rt: rt.load("a", demo_adapters["a"]))
         assert "a" not in engine.batcher.parked and kept.sequence in engine.batcher.running
         kept_tokens, _ = await asyncio.gather(_tokens(streams[1], firsts[1]), _tokens(streams[2], firsts[2]))

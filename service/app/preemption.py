@@ -1,0 +1,90 @@
+"""Preemption of adapters in use (LoRAX-style adapter cycling), so a load never waits for a whole request.
+
+When every resident slot holds an adapter in use, a load may take the slot of one whose leases are all
+generations (their rows can be parked; an export or a download reading its tensors cannot be), unpinned, not
+kept, and resident for at least `quantum_s` (so two loads do not swap each other out before either decodes).
+Among those: the one with the fewest requests, then the one resident the longest.
+
+Its requests leave the batch, each row keeping its keys/values, mask row, position and next token (swap, not
+recompute: a resumed row decodes exactly what it would have), and its weights are detached, both in one engine
+call queued ahead of the new adapter's attach (`Engine.swap_out`). Their leases stay held, so a delete still
+waits for them. A background task loads it again (first come, first served like any load, and it may preempt
+another in turn); the engine puts the parked requests back in the same pause as the attach. If it cannot come
+back (its load failed), they end with that error.
+
+Lock discipline: the residency's (event loop thread only); the engine state changes only on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .registry import AdapterRecord
+
+if TYPE_CHECKING:
+    from .residency import Residency
+
+log = logging.getLogger(__name__)
+
+
+class Preemption:
+    def __init__(self, residency: Residency, quantum_s: float) -> None:
+        self.residency = residency
+        self.quantum_s = quantum_s
+        self._attached_at: dict[str, float] = {}  # adapter id -> when it was last attached (monotonic)
+        self._timer: asyncio.TimerHandle | None = None  # wakes waiting loads when a quantum ends
+
+    def attached(self, adapter_id: str) -> None:
+        self._attached_at[adapter_id] = time.monotonic()
+
+    def victim(self, in_use: list[AdapterRecord]) -> AdapterRecord | None:
+        """The adapter to preempt among resident, unpinned ones in use; None if none may be preempted now (a
+        timer then wakes the waiting loads when the first quantum ends)."""
+        now = time.monotonic()
+        parkable = [r for r in in_use if self._parkable(r.id)]
+        ready = [r for r in parkable if now - self._attached_at.get(r.id, 0.0) >= self.quantum_s]
+        if ready:
+            return min(ready, key=lambda r: (self.residency.leases(r.id)[0], self._attached_at.get(r.id, 0.0)))
+        if parkable:
+            self._wake_in(min(self._attached_at.get(r.id, 0.0) for r in parkable) + self.quantum_s - now)
+        return None
+
+    def forget(self, adapter_id: str) -> None:
+        self._attached_at.pop(adapter_id, None)
+
+    def _parkable(self, adapter_id: str) -> bool:
+        """In use by generations only (a lease that reads its tensors or files otherwise is not parked)."""
+        held, generations = self.residency.leases(adapter_id)
+        return held == generations > 0
+
+    def preempt(self, record: AdapterRecord) -> None:
+        """Swap the adapter out now, its requests parked, and bring it back in the background."""
+        self.residency.evict(record, park=True)
+        self.residency.metrics.adapter_preemptions.inc()
+        self.forget(record.id)
+        self.residency.in_background(self._resume(record))
+        log.info("preempted adapter %s (%d request(s) parked)", record.id, self.residency.leases(record.id)[0])
+
+    async def _resume(self, record: AdapterRecord) -> None:
+        if not self.residency.in_use(record.id):
+            return  # its requests have all ended; it loads again on its next use
+        try:
+            await self.residency.load(record)
+        except Exception as exc:  # its parked requests end with the error (their callers hear it), never hang
+            log.warning("preempted adapter %s could not be loaded again: %s", record.id, exc)
+            await self.residency.engine.fail_parked(record.id, exc)
+
+    def _wake_in(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None and self._timer.when() <= loop.time() + delay:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(max(delay, 0.0), self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self.residency.in_background(self.residency.room_changed())
