@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RESUME_WAIT_QUANTA = 10
+
 
 class Preemption:
     def __init__(self, residency: Residency, quantum_s: float) -> None:
@@ -39,6 +41,17 @@ class Preemption:
 
     def attached(self, adapter_id: str) -> None:
         self._attached_at[adapter_id] = time.monotonic()
+
+    def may_preempt(self, parked_since: float | None) -> bool:
+        """Whether a load may preempt: a new one may; one bringing a preempted adapter back only once it has waited
+        RESUME_WAIT_QUANTA quanta (until then it waits for a slot to come free, as most soon do: swapping adapters
+        in and out in turn, each after one quantum, would spend the engine's time on batch surgery)."""
+        if parked_since is None:
+            return True
+        left = parked_since + RESUME_WAIT_QUANTA * self.quantum_s - time.monotonic()
+        if left > 0:
+            self._wake_in(left)
+        return left <= 0
 
     def victim(self, in_use: list[AdapterRecord]) -> AdapterRecord | None:
         """The adapter to preempt among resident, unpinned ones in use; None if none may be preempted now (a
@@ -72,7 +85,7 @@ class Preemption:
         if not self.residency.in_use(record.id):
             return  # its requests have all ended; it loads again on its next use
         try:
-            await self.residency.load(record)
+            await self.residency.load(record, parked_since=time.monotonic())
         except Exception as exc:  # its parked requests end with the error (their callers hear it), never hang
             log.warning("preempted adapter %s could not be loaded again: %s", record.id, exc)
             await self.residency.engine.fail_parked(record.id, exc)

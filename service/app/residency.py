@@ -29,6 +29,8 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 from ..engine import Engine
@@ -40,6 +42,14 @@ from .preemption import Preemption
 from .registry import AdapterRecord, AdapterRegistry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A load waiting for a slot; `parked_since`: a preempted adapter coming back for its parked requests."""
+
+    keep: str
+    parked_since: float | None = None
 
 
 class Residency:
@@ -58,7 +68,7 @@ class Residency:
         self._idle: dict[str, asyncio.Event] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._room = asyncio.Condition()
-        self._queue: deque[object] = deque()  # loads waiting for a slot, in arrival order
+        self._queue: deque[_Waiter] = deque()  # loads waiting for a slot, in arrival order
         self._slots_reserved = 0  # loads that passed make_room but are not registered as resident yet
         self._background: set[asyncio.Task] = set()  # eviction clean-ups, off every request's path
         # None: an adapter in use is never preempted (a load waits until one is idle instead).
@@ -132,13 +142,16 @@ class Residency:
             return
         await self.load(self.registry.get(adapter_id))
 
-    async def load(self, record: AdapterRecord) -> None:
+    async def load(self, record: AdapterRecord, parked_since: float | None = None) -> None:
         """Load a registered adapter into model memory if it is not (a hidden one too: a preempted adapter that is
-        being deleted comes back for its parked requests to finish, as delete waits for them)."""
+        being deleted comes back for its parked requests to finish, as delete waits for them). `parked_since`:
+        when it was preempted, if this load brings it back for its parked requests."""
         adapter_id = record.id
         record.last_used = time.monotonic()
         if record.loaded is not None:
             return
+        if parked_since is None and self._hurry(adapter_id):
+            await self.room_changed()
         async with self.load_lock(adapter_id):
             if record.loaded is not None:
                 return
@@ -147,18 +160,28 @@ class Residency:
             prepared = asyncio.ensure_future(asyncio.to_thread(self.engine.runtime.prepare, adapter_id,
                                                                record.stored.path))
             # Registered as resident inside `attach`, before its slot is given back: counted by the next load.
-            await self.attach(prepared, keep=adapter_id, then=lambda loaded: setattr(record, "loaded", loaded))
+            await self.attach(prepared, keep=adapter_id, then=lambda loaded: setattr(record, "loaded", loaded),
+                              parked_since=parked_since)
             record.load_ms = (time.perf_counter() - start) * 1000
             self.counted_load(record)
             log.info("adapter %s loaded on demand in %.1f ms", adapter_id, record.load_ms)
 
+    def _hurry(self, adapter_id: str) -> bool:
+        """A new request waits for a preempted adapter that is coming back: its load may preempt now, as a new
+        one's would. Whether it was waiting."""
+        waiting = [w for w in self._queue if w.keep == adapter_id and w.parked_since is not None]
+        for waiter in waiting:
+            waiter.parked_since = None
+        return bool(waiting)
+
     async def attach(self, prepared: LoadedAdapter | Awaitable[LoadedAdapter], keep: str,
-                     then: Callable[[LoadedAdapter], object] | None = None) -> LoadedAdapter:
+                     then: Callable[[LoadedAdapter], object] | None = None,
+                     parked_since: float | None = None) -> LoadedAdapter:
         """Attach a prepared adapter (or one still being prepared), making room first. `then(loaded)` runs
         (awaited if a coroutine) while the slot is still reserved, so the adapter counts as resident before
         another load can take the slot; if it raises, the adapter is detached again."""
         try:
-            await self._make_room(keep)
+            await self._make_room(_Waiter(keep, parked_since))
         except BaseException:
             if isinstance(prepared, asyncio.Future):
                 prepared.cancel()  # its thread finishes on its own; nothing of it is kept
@@ -219,31 +242,44 @@ class Residency:
         await self.room_changed()
         return freed
 
-    async def _make_room(self, keep: str) -> None:
+    async def _make_room(self, waiter: _Waiter) -> None:
         """Reserve a resident slot, first come first served; when all are taken, evict the least recently used
         idle, unpinned adapter, or preempt one in use (preemption.py), or wait until one is idle."""
-        ticket = object()
         async with self._room:
-            self._queue.append(ticket)
+            self._queue.append(waiter)
             try:
-                while not (self._queue[0] is ticket and self._take_slot(keep)):
+                while not self._admit(waiter):
                     await self._room.wait()
             finally:
-                self._queue.remove(ticket)
+                self._queue.remove(waiter)
                 self._room.notify_all()  # the next load in line may find room now
 
-    def _take_slot(self, keep: str) -> bool:
-        """Reserve a slot if one is free or can be freed now (an eviction or a preemption); False: wait for a
-        lease to end (or a preemption quantum)."""
-        if self.resident_count + self._slots_reserved < self.max_resident:
+    def _admit(self, waiter: _Waiter) -> bool:
+        """The first waiter takes a free slot, an idle adapter's, or (if it may) a preempted one's. A later one may
+        preempt when no waiter ahead of it may (those wait for a slot to come free: a request ending)."""
+        preempt = self.preemption is not None and self.preemption.may_preempt(waiter.parked_since)
+        if waiter is self._queue[0]:
+            return self._take_slot(waiter.keep, preempt)
+        if not preempt or any(self.preemption.may_preempt(w.parked_since)
+                              for w in takewhile(lambda w: w is not waiter, self._queue)):
+            return False
+        return self._take_slot(waiter.keep, preempt, first=False)
+
+    def _take_slot(self, keep: str, preempt: bool, first: bool = True) -> bool:
+        """Reserve a slot if one is free or can be freed now (an eviction, or a preemption if `preempt`); only
+        the `first` waiter takes a free one or an idle adapter's. False: wait for a lease to end (or a quantum)."""
+        free = self.resident_count + self._slots_reserved < self.max_resident
+        if free and first:
             self._slots_reserved += 1
             return True
         resident = [r for r in self.registry.records.values() if r.loaded is not None]
         evictable = [r for r in resident if r.id != keep and not self.registry.hidden(r.id) and not self.pinned(r.id)]
         idle = [r for r in evictable if not self._in_use.get(r.id)]
+        if (free or idle) and not first:
+            return False  # the first waiter's
         if idle:
             self.evict(min(idle, key=lambda r: r.last_used))
-        elif self.preemption is not None and (victim := self.preemption.victim(evictable)) is not None:
+        elif preempt and (victim := self.preemption.victim(evictable)) is not None:
             self.preemption.preempt(victim)
         else:
             pinned = [r.id for r in resident if self.pinned(r.id)]

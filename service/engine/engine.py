@@ -209,7 +209,9 @@ class Engine:
     def _run(self) -> None:
         while True:
             block = self.batcher.idle
-            while True:  # take everything queued; block only when there is nothing to decode
+            # Take what is queued now (blocking only when there is nothing to decode), not what arrives meanwhile:
+            # a stream of calls (adapters swapped in and out) must not hold decoding up.
+            for _ in range(max(self._inbox.qsize(), 1)):
                 try:
                     item = self._inbox.get(block=block)
                 except queue.Empty:
