@@ -37,7 +37,8 @@ class Preemption:
         self.residency = residency
         self.quantum_s = quantum_s
         self._attached_at: dict[str, float] = {}  # adapter id -> when it was last attached (monotonic)
-        self._timer: asyncio.TimerHandle | None = None  # wakes waiting loads when a quantum ends
+        self._timer: asyncio.Handle | None = None  # wakes waiting loads when a quantum ends (uvloop: a Handle)
+        self._timer_due = 0.0  # its loop time
 
     def attached(self, adapter_id: str) -> None:
         self._attached_at[adapter_id] = time.monotonic()
@@ -91,12 +92,14 @@ class Preemption:
             await self.residency.engine.fail_parked(record.id, exc)
 
     def _wake_in(self, delay: float) -> None:
+        """Wake the waiting loads in `delay` seconds (one timer: the earliest asked for)."""
         loop = asyncio.get_running_loop()
-        if self._timer is not None and self._timer.when() <= loop.time() + delay:
+        due = loop.time() + max(delay, 0.0)
+        if self._timer is not None and self._timer_due <= due:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = loop.call_later(max(delay, 0.0), self._wake)
+        self._timer, self._timer_due = loop.call_later(max(delay, 0.0), self._wake), due
 
     def _wake(self) -> None:
         self._timer = None
