@@ -20,16 +20,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
+from ..engine import Engine
+from ..metrics import ServiceMetrics
 from .registry import AdapterRecord
-
-if TYPE_CHECKING:
-    from .residency import Residency
 
 log = logging.getLogger(__name__)
 
 RESUME_WAIT_QUANTA = 10
+
+
+class Residency(Protocol):
+    """What preemption uses of the residency (residency.py), which owns it."""
+
+    engine: Engine
+    metrics: ServiceMetrics
+
+    def leases(self, adapter_id: str) -> tuple[int, int]: ...
+
+    def in_use(self, adapter_id: str) -> bool: ...
+
+    def evict(self, victim: AdapterRecord, park: bool = False) -> None: ...
+
+    async def load(self, record: AdapterRecord, parked_since: float | None = None) -> None: ...
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None: ...
+
+    async def room_changed(self) -> None: ...
 
 
 class Preemption:
