@@ -8,9 +8,12 @@ Among those: the one with the fewest requests, then the one resident the longest
 Its requests leave the batch, each row keeping its keys/values, mask row, position and next token (swap, not
 recompute: a resumed row decodes exactly what it would have), and its weights are detached, both in one engine
 call queued ahead of the new adapter's attach (`Engine.swap_out`). Their leases stay held, so a delete still
-waits for them. A background task loads it again (first come, first served like any load, and it may preempt
-another in turn); the engine puts the parked requests back in the same pause as the attach. If it cannot come
-back (its load failed), they end with that error.
+waits for them. A background task loads it again, first come, first served like any load; it takes a slot that
+comes free (a request ending), and preempts another only after RESUME_WAIT_QUANTA quanta or once a new request
+for it waits too (new loads may preempt past it meanwhile). Swapping adapters in and out in turn, each after
+one quantum, would spend the engine's time on batch surgery (bench/results.md, goal 2). The engine puts the
+parked requests back in the same pause as the attach. If it cannot come back (its load failed), they end with
+that error.
 
 Lock discipline: the residency's (event loop thread only); the engine state changes only on the engine thread.
 """
@@ -64,8 +67,7 @@ class Preemption:
 
     def may_preempt(self, parked_since: float | None) -> bool:
         """Whether a load may preempt: a new one may; one bringing a preempted adapter back only once it has waited
-        RESUME_WAIT_QUANTA quanta (until then it waits for a slot to come free, as most soon do: swapping adapters
-        in and out in turn, each after one quantum, would spend the engine's time on batch surgery)."""
+        RESUME_WAIT_QUANTA quanta (until then it waits for a slot to come free; a timer wakes it)."""
         if parked_since is None:
             return True
         left = parked_since + RESUME_WAIT_QUANTA * self.quantum_s - time.monotonic()
