@@ -3,7 +3,8 @@
 When every resident slot holds an adapter in use, a load may take the slot of one whose leases are all
 generations (their rows can be parked; an export or a download reading its tensors cannot be), unpinned, not
 kept, and resident for at least `quantum_s` (so two loads do not swap each other out before either decodes).
-Among those: the one with the fewest requests, then the one resident the longest.
+Among those: the one with the fewest requests, then the least recently used (whose latest request started
+first; "resident the longest" picked the popular adapters, which never leave, and bounced their next requests).
 
 Its requests leave the batch, each row keeping its keys/values, mask row, position and next token (swap, not
 recompute: a resumed row decodes exactly what it would have), and its weights are detached, both in one engine
@@ -82,7 +83,7 @@ class Preemption:
         parkable = [r for r in in_use if self._parkable(r.id)]
         ready = [r for r in parkable if now - self._attached_at.get(r.id, 0.0) >= self.quantum_s]
         if ready:
-            return min(ready, key=lambda r: (self.residency.leases(r.id)[0], self._attached_at.get(r.id, 0.0)))
+            return min(ready, key=lambda r: (self.residency.leases(r.id)[0], r.last_used))
         if parkable:
             self._wake_in(min(self._attached_at.get(r.id, 0.0) for r in parkable) + self.quantum_s - now)
         return None

@@ -46,10 +46,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Waiter:
-    """A load waiting for a slot; `parked_since`: a preempted adapter coming back for its parked requests."""
+    """A load waiting for a slot; `parked_since`: a preempted adapter coming back for its parked requests;
+    `prepared`: its tensors are built (it preempts only then: the victim's rows stop for the swap alone)."""
 
     keep: str
     parked_since: float | None = None
+    prepared: Callable[[], bool] = lambda: True
 
 
 class Residency:
@@ -181,7 +183,11 @@ class Residency:
         (awaited if a coroutine) while the slot is still reserved, so the adapter counts as resident before
         another load can take the slot; if it raises, the adapter is detached again."""
         try:
-            await self._make_room(_Waiter(keep, parked_since))
+            waiter = _Waiter(keep, parked_since)
+            if isinstance(prepared, asyncio.Future):
+                waiter.prepared = prepared.done
+                prepared.add_done_callback(lambda _: self.in_background(self.room_changed()))
+            await self._make_room(waiter)
         except BaseException:
             if isinstance(prepared, asyncio.Future):
                 prepared.cancel()  # its thread finishes on its own; nothing of it is kept
@@ -257,7 +263,8 @@ class Residency:
     def _admit(self, waiter: _Waiter) -> bool:
         """The first waiter takes a free slot, an idle adapter's, or (if it may) a preempted one's. A later one may
         preempt when no waiter ahead of it may (those wait for a slot to come free: a request ending)."""
-        preempt = self.preemption is not None and self.preemption.may_preempt(waiter.parked_since)
+        preempt = (self.preemption is not None and waiter.prepared()
+                   and self.preemption.may_preempt(waiter.parked_since))
         if waiter is self._queue[0]:
             return self._take_slot(waiter.keep, preempt)
         if not preempt or any(self.preemption.may_preempt(w.parked_since)
