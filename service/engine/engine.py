@@ -170,8 +170,9 @@ class Engine:
         return await self.call_soon(fn)
 
     def call_soon(self, fn: Callable[[AdapterRuntime], Any]) -> asyncio.Future:
-        """Queue fn(runtime) now, without waiting: calls run in the order queued, and every call queued before
-        a decode step runs before it. Await the returned future for the result."""
+        """Queue fn(runtime) now, without waiting: calls run in the order queued, each before the first decode
+        step that starts after the engine has seen it queued (calls queued together normally share one pause).
+        Await the returned future for the result."""
         future: Future = Future()
         self._inbox.put(_Call(fn, future))
         return asyncio.wrap_future(future)
