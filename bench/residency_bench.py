@@ -89,12 +89,13 @@ async def closed_loop(service: LocalAdapterService, pick: Callable[[], str], cli
 
 
 async def run(cache_dir: Path, repeats: int, requests: int, clients: int, max_new_tokens: int, resident: int,
-              pinned: int = 0) -> dict[str, list[Scenario]]:
+              pinned: int = 0, quantum_s: float | None = None) -> dict[str, list[Scenario]]:
     model_dir = ensure_model(cache_dir)
     pool = ensure_pool(cache_dir, model_dir, 48)
     with tempfile.TemporaryDirectory() as store:
         settings = Settings(model=str(model_dir), store=Path(store), device="cpu", dtype="float32",
-                            max_resident_adapters=resident, max_batch_size=clients)
+                            max_resident_adapters=resident, max_batch_size=clients,
+                            **({} if quantum_s is None else {"preemption_quantum_s": quantum_s}))
         service = LocalAdapterService.from_settings(settings)
         service.start()
         try:
@@ -197,12 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-resident-adapters", type=int, default=8)
     parser.add_argument("--pin", type=int, default=0, help="pin the N most popular adapters first")
+    parser.add_argument("--preemption-quantum-s", type=float, default=None,
+                        help="the server's --preemption-quantum-s (default: its own default)")
     parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent / ".cache")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the service keeps it: steadier figures on a shared machine
     torch.set_num_threads(1)
     results = asyncio.run(run(args.cache_dir, args.repeats, args.requests, args.clients, args.max_new_tokens,
-                              args.max_resident_adapters, args.pin))
+                              args.max_resident_adapters, args.pin, args.preemption_quantum_s))
     bound = slot_bound(48, args.max_resident_adapters, args.clients, args.max_new_tokens)
     print(report(results, bound))
 

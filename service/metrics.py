@@ -49,8 +49,12 @@ class ServiceMetrics:
             "per generation of two or more tokens", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r)
         self.adapter_loads = Counter("adapter_service_adapter_loads", "Adapters loaded into model memory "
                                      "(uploads, restores and loads on demand)", registry=r)
-        self.adapter_evictions = Counter("adapter_service_adapter_evictions", "Idle adapters evicted from model "
-                                         "memory to make room (least recently used)", registry=r)
+        self.adapter_evictions = Counter("adapter_service_adapter_evictions", "Adapters evicted from model "
+                                         "memory to make room (the least recently used idle one, or one preempted)",
+                                         registry=r)
+        self.adapter_preemptions = Counter("adapter_service_adapter_preemptions", "Adapters in use swapped out "
+                                           "of model memory to make room, their requests parked until they are "
+                                           "back (also counted as evictions)", registry=r)
         self.load_seconds = Histogram("adapter_service_adapter_load_seconds", "Adapter validate+load duration",
                                       buckets=_LOAD_BUCKETS, registry=r)
         self.delete_seconds = Histogram("adapter_service_adapter_delete_seconds", "Adapter delete duration",

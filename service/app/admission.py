@@ -53,7 +53,7 @@ def prompt_bytes(request: GenerationInput) -> int:
 class Leases(Protocol):
     """Holds an adapter in use and makes it resident (the local residency, or a replica's resident set)."""
 
-    def lease(self, adapter_id: str | None) -> AbstractAsyncContextManager[Any]: ...
+    def lease(self, adapter_id: str | None, parkable: bool = False) -> AbstractAsyncContextManager[Any]: ...
 
     async def ensure_resident(self, adapter_id: str | None) -> None: ...
 
@@ -121,7 +121,7 @@ class Admission:
             request.grammar = await self.grammar(request.params.json_schema)
         stack = AsyncExitStack()
         try:
-            await stack.enter_async_context(self.leases.lease(request.adapter_id))
+            await stack.enter_async_context(self.leases.lease(request.adapter_id, parkable=True))
             await self.leases.ensure_resident(request.adapter_id)
             try:
                 handle = self.engine.submit(request)

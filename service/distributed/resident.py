@@ -81,8 +81,9 @@ class ResidentAdapters:
     # ---- the leases that service/app/admission.py takes --------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, name: str | None) -> AsyncIterator[None]:
-        """Marks a request in flight so that neither eviction nor delete frees its adapter under it."""
+    async def lease(self, name: str | None, parkable: bool = False) -> AsyncIterator[None]:
+        """Marks a request in flight so that neither eviction nor delete frees its adapter under it (a replica
+        never preempts an adapter in use: `parkable` is not used)."""
         if name is None:
             yield
             return

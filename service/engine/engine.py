@@ -170,11 +170,27 @@ class Engine:
         return await self.call_soon(fn)
 
     def call_soon(self, fn: Callable[[AdapterRuntime], Any]) -> asyncio.Future:
-        """Queue fn(runtime) now, without waiting: calls run in the order queued, and every call queued before
-        a decode step runs before it. Await the returned future for the result."""
+        """Queue fn(runtime) now, without waiting: calls run in the order queued, each before the first decode
+        step that starts after the engine has seen it queued (calls queued together normally share one pause).
+        Await the returned future for the result."""
         future: Future = Future()
         self._inbox.put(_Call(fn, future))
         return asyncio.wrap_future(future)
+
+    def swap_out(self, adapter_id: str) -> asyncio.Future:
+        """Queue, as `call_soon`, one call that parks the adapter's requests (each row keeps its state:
+        `ContinuousBatcher.park`) and detaches it; the future gives the bytes freed. Its requests go on, exactly
+        where they stopped, as soon as it is attached again (`_execute`), or end with `fail_parked`."""
+
+        def swap(rt: AdapterRuntime) -> int:
+            self.batcher.park(adapter_id)
+            return rt.delete(adapter_id)
+
+        return self.call_soon(swap)
+
+    def fail_parked(self, adapter_id: str, exc: BaseException) -> asyncio.Future:
+        """Queue `ContinuousBatcher.fail_parked`: the adapter's parked requests end with `exc`."""
+        return self.call_soon(lambda _: self.batcher.fail_parked(adapter_id, exc))
 
     def call_sync(self, fn: Callable[[AdapterRuntime], Any]) -> Any:
         """Blocking variant for start-up code that runs outside the event loop."""
@@ -194,7 +210,9 @@ class Engine:
     def _run(self) -> None:
         while True:
             block = self.batcher.idle
-            while True:  # take everything queued; block only when there is nothing to decode
+            # Take what is queued now (blocking only when there is nothing to decode), not what arrives meanwhile:
+            # a stream of calls (adapters swapped in and out) must not hold decoding up.
+            for _ in range(max(self._inbox.qsize(), 1)):
                 try:
                     item = self._inbox.get(block=block)
                 except queue.Empty:
@@ -227,6 +245,7 @@ class Engine:
         # An adapter the call deleted, replaced or (un)fused loses its cached prefixes before the caller hears
         # back: its stale keys/values are freed now, and never reused.
         self.batcher.forget_changed_adapters()
+        self.batcher.unpark_attached()  # parked requests of an adapter attached again go on from the next step
         if error is None:
             call.future.set_result(result)
         else:

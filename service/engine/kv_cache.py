@@ -147,6 +147,13 @@ def select_rows(cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor) -> 
     return mask[:, start:]
 
 
+def take_rows(cache: DynamicCache, mask: torch.Tensor, index: torch.Tensor) -> tuple[GrowingCache, torch.Tensor]:
+    """Copies of rows `index` as a cache of their own, leading all-padding columns dropped; `cache` is left as it
+    was. Returns (the new cache, its (len(index), L') mask)."""
+    part = prefilled([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask.shape[1])
+    return part, select_rows(part, mask, index)
+
+
 def _set(layer, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
     if isinstance(layer, GrowingLayer):
         layer.adopt(keys, values, length)

@@ -10,6 +10,9 @@ that one prefill, then sample on their own. With a `PrefixCache`, a prompt that 
 prefills only the rest on top of their keys/values; rows with different cached lengths sit in one forward
 as  [pad | cached | pad | rest], with the attention mask marking the real columns (position ids follow the
 mask, so they are the same as without the cache).
+
+An adapter's requests can be parked (`park`) while its weights are swapped out for another adapter's, and put
+back (`unpark`) once they are attached again: see parking.py.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 from ..errors import NonFiniteLogitsError
 from ..runtime import AdapterNotFoundError, AdapterRuntime
 from . import kv_cache
+from .parking import ParkedRows
 from .prefix_cache import PrefixBlock, PrefixCache
 from .sampling import TokenCounts, pick_token, process, row_generator, token_logprob
 from .sequence import Sequence
@@ -83,6 +87,7 @@ class ContinuousBatcher:
         self.prefill_rows = 0  # rows prefilled (copies of one prompt count once): what sharing saves shows here
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.parked: dict[str, ParkedRows] = {}  # adapter id -> its requests held out of the batch
         self._cache: kv_cache.GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # (B, L) 1 = real position
         self._next_pos: torch.Tensor | None = None  # (B,) position id of each row's next token
@@ -93,7 +98,8 @@ class ContinuousBatcher:
         return not self.waiting and not self.running
 
     def uses(self, adapter_id: str) -> bool:
-        return any(s.request.adapter_id == adapter_id for s in (*self.running, *self.waiting))
+        return adapter_id in self.parked or any(s.request.adapter_id == adapter_id
+                                                for s in (*self.running, *self.waiting))
 
     def forget_changed_adapters(self) -> None:
         """Drop the cached prefixes of every adapter that was deleted, unloaded, replaced, fused or unfused
@@ -112,6 +118,8 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit what fits, then decode one token for every running row."""
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for parked in self.parked.values():
+            parked.prune()
         self.forget_changed_adapters()
         self._drop_finished()
         admitted = self._take_admissible()
@@ -137,6 +145,9 @@ class ContinuousBatcher:
         budget = self.prefill_token_budget
         while self.waiting and len(self.running) + taken < self.max_batch_size:
             request = self.waiting[0].request
+            if request.adapter_id in self.parked:  # its weights are swapped out: held until they are back
+                self.parked[request.adapter_id].waiting.append(self.waiting.popleft())
+                continue
             key = (request.adapter_id, tuple(request.prompt_ids))
             prompt = prompts.get(key)
             if prompt is None and request.adapter_id is not None and request.adapter_id not in self.runtime.adapters:
@@ -305,8 +316,11 @@ class ContinuousBatcher:
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.running) if s.finish_reason is None and not s.cancelled]
-        if len(keep) == len(self.running):
-            return
+        if len(keep) < len(self.running):
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Only rows `keep` of the running batch stay (the cache drops the others' keys/values)."""
         self.running = [self.running[i] for i in keep]
         if not keep:
             self._cache = self._mask = self._next_pos = self._last = None
@@ -315,10 +329,66 @@ class ContinuousBatcher:
         self._mask = kv_cache.select_rows(self._cache, self._mask, index)
         self._next_pos, self._last = self._next_pos[index], self._last[index]
 
-    def fail_all(self, exc: BaseException) -> None:
-        """A step raised: every request in flight gets the error, and the batch starts empty."""
-        for s in (*self.running, *self.waiting):
+    # ---- parking (between steps, on the engine thread) ------------------------------------------------------
+
+    def park(self, adapter_id: str) -> int:
+        """Take the adapter's requests out of the batch, each row keeping its state, until `unpark`; its weights
+        may be detached meanwhile. Requests for it that arrive while it is parked are held too. Returns how many
+        requests it has parked."""
+        self._drop_finished()
+        parked = self.parked.setdefault(adapter_id, ParkedRows())
+        rows = [i for i, s in enumerate(self.running) if s.request.adapter_id == adapter_id]
+        if rows:
+            assert self._cache is not None and self._mask is not None
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            cache, mask = kv_cache.take_rows(self._cache, self._mask, index)
+            parked.add([self.running[i] for i in rows], cache, mask, self._next_pos[index], self._last[index])
+            taken = set(rows)
+            self._keep_rows([i for i in range(len(self.running)) if i not in taken])
+        parked.waiting += [s for s in self.waiting if s.request.adapter_id == adapter_id]
+        self.waiting = deque(s for s in self.waiting if s.request.adapter_id != adapter_id)
+        return len(parked)
+
+    def unpark(self, adapter_id: str) -> int:
+        """Put the adapter's parked requests back once its weights are attached (else a no-op): rows re-join the
+        batch through the left-padded merge a prefill uses (the batch may exceed max_batch_size until rows
+        finish: their keys/values were held all along); the others wait again, ahead of later arrivals.
+        Returns how many requests it has put back."""
+        if adapter_id not in self.runtime.adapters or adapter_id not in self.parked:
+            return 0
+        parked = self.parked.pop(adapter_id)
+        parked.prune()
+        if parked.rows:
+            assert parked.cache is not None and parked.mask is not None
+            if self._cache is None:
+                self._cache, self._mask, self._next_pos, self._last = (parked.cache, parked.mask, parked.next_pos,
+                                                                      parked.last)
+            else:
+                self._cache, self._mask = kv_cache.merge(self._cache, self._mask, parked.cache, parked.mask)
+                self._next_pos = torch.cat([self._next_pos, parked.next_pos])
+                self._last = torch.cat([self._last, parked.last])
+            self.running.extend(parked.rows)
+        self.waiting.extendleft(reversed(parked.waiting))
+        return len(parked)
+
+    def unpark_attached(self) -> None:
+        """Unpark every parked adapter whose weights are attached (the engine calls this after each adapter
+        change, so requests resume in the same pause as their adapter's attach)."""
+        for adapter_id in [a for a in self.parked if a in self.runtime.adapters]:
+            self.unpark(adapter_id)
+
+    def fail_parked(self, adapter_id: str, exc: BaseException) -> int:
+        """The adapter's parked requests end with `exc` (its weights will not come back); how many there were."""
+        parked = self.parked.pop(adapter_id, None)
+        for s in parked.all() if parked is not None else ():
             s.finish_reason = s.finish_reason or "error"
             s.emit(exc)
-        self.running, self.waiting = [], deque()
+        return 0 if parked is None else len(parked)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """A step raised: every request in flight (parked ones too) gets the error, and the batch starts empty."""
+        for s in (*self.running, *self.waiting, *(s for p in self.parked.values() for s in p.all())):
+            s.finish_reason = s.finish_reason or "error"
+            s.emit(exc)
+        self.running, self.waiting, self.parked = [], deque(), {}
         self._cache = self._mask = self._next_pos = self._last = None

@@ -126,8 +126,10 @@ def test_eviction_storm_keeps_outputs_exact(demo_base, demo_tokenizer, five_adap
 def test_a_waiting_load_does_not_hold_up_resident_rows(demo_base, demo_tokenizer, demo_adapters, peft_greedy,
                                                         tmp_path) -> None:
     """One slot, held by a running request for a: a request for b waits for it; meanwhile more requests for a
-    (resident) start, decode and finish, and b's load goes first once a's last row is done."""
+    (resident) start, decode and finish, and b's load goes first once a's last row is done. (Preemption off: a
+    load waits so whenever no adapter in use may be preempted.)"""
     manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=1)
+    manager.residency.preemption = None
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
 
     async def scenario() -> None:

@@ -26,10 +26,10 @@ def _files(adapter_dir: Path, stack: ExitStack):
     return [(name, stack.enter_context((adapter_dir / name).open("rb"))) for name in FILES]
 
 
-def _manager(base, tokenizer, store_root: Path, max_resident: int) -> LocalAdapterService:
+def _manager(base, tokenizer, store_root: Path, max_resident: int, **settings) -> LocalAdapterService:
     model = copy.deepcopy(base)
     engine = Engine(model, tokenizer, AdapterRuntime(model), max_batch_size=4)
-    settings = Settings(store=store_root, max_resident_adapters=max_resident, max_upload_bytes=1 << 30)
+    settings = Settings(store=store_root, max_resident_adapters=max_resident, max_upload_bytes=1 << 30, **settings)
     base_model = BaseModel(model, tokenizer, "demo", torch.device("cpu"), torch.float32)
     return LocalAdapterService(settings, base_model, engine, AdapterStore(store_root))
 
