@@ -95,7 +95,8 @@ async def run(cache_dir: Path, repeats: int, requests: int, clients: int, max_ne
     with tempfile.TemporaryDirectory() as store:
         settings = Settings(model=str(model_dir), store=Path(store), device="cpu", dtype="float32",
                             max_resident_adapters=resident, max_batch_size=clients,
-                            **({} if quantum_s is None else {"preemption_quantum_s": quantum_s}))
+                            **({} if quantum_s is None else {"preempt_adapters": True,
+                                                             "preemption_quantum_s": quantum_s}))
         service = LocalAdapterService.from_settings(settings)
         service.start()
         try:
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-resident-adapters", type=int, default=8)
     parser.add_argument("--pin", type=int, default=0, help="pin the N most popular adapters first")
     parser.add_argument("--preemption-quantum-s", type=float, default=None,
-                        help="the server's --preemption-quantum-s (default: its own default)")
+                        help="preempt adapters in use (the server's --preempt-adapters) with this "
+                        "--preemption-quantum-s (default: no preemption)")
     parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent / ".cache")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the service keeps it: steadier figures on a shared machine

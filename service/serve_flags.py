@@ -20,7 +20,7 @@ from .settings import ENV_PREFIX, MiB, Settings, env_names
 
 SERVE_FLAGS = ("model", "store", "host", "port", "device", "dtype", "max_upload_bytes", "max_batch_size",
                "max_waiting_requests", "prefill_token_budget", "prefix_cache_mb", "request_timeout_s",
-               "max_resident_adapters", "preemption_quantum_s",
+               "max_resident_adapters", "preempt_adapters", "preemption_quantum_s",
                "max_adapters", "max_adapter_rank", "max_prompt_tokens", "max_new_tokens", "max_request_body_bytes",
                "max_prompts_per_request", "max_chat_messages", "public_health_details", "demo_cache", "lora_roots",
                "adapters", "log_json", "api_keys_file", "create_api_key", "log_level")

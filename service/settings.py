@@ -72,9 +72,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0, description="per-request limit in seconds (504 beyond)")
     max_resident_adapters: int = Field(default=64, ge=1, description="adapters loaded in model memory; the rest "
                                        "load on first use (LRU)")
-    preemption_quantum_s: float = Field(default=1.0, ge=0, description="when every resident adapter is in use, one "
-                                        "resident at least this long may be swapped out for a load, its requests "
-                                        "paused (resumed exactly) until it is back")
+    preempt_adapters: bool = Field(default=False, description="when every resident adapter is in use, a load swaps "
+                                   "one out (its requests paused, resumed exactly once it is back) instead of "
+                                   "waiting for one to be idle: shorter waits for cold adapters, less throughput")
+    preemption_quantum_s: float = Field(default=1.0, ge=0, description="with --preempt-adapters: how long an "
+                                        "adapter stays resident before it may be preempted")
     # Input limits: each exceeded limit is a clear 4xx, never a crash or an out-of-memory.
     max_adapters: int = Field(default=10_000, ge=1, description="adapters registered in the store (409 beyond)")
     max_adapter_rank: int = Field(default=256, ge=1, description="largest adapter rank accepted (422 beyond)")

@@ -53,7 +53,9 @@ class LocalAdapterService:
         self.metrics = metrics or ServiceMetrics()
         self.registry = AdapterRegistry(settings.max_adapters, {base.name})
         self.residency = Residency(self.registry, engine, settings.max_resident_adapters, self.metrics,
-                                   kept=self._kept, preemption_quantum_s=settings.preemption_quantum_s)
+                                   kept=self._kept,
+                                   preemption_quantum_s=settings.preemption_quantum_s if settings.preempt_adapters
+                                   else None)
         self.lifecycle = Lifecycle(self.registry, self.residency, store, engine, self.metrics)
         self.admission = Admission(engine, self.residency, settings)
         self.sources = SourceRegistry.from_settings(settings)

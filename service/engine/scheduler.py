@@ -200,14 +200,19 @@ class ContinuousBatcher:
             index = torch.tensor(copies, dtype=torch.long, device=self.device)
             mask = kv_cache.select_rows(cache, mask, index)
             logits, next_pos = logits[index], next_pos[index]
-        last = torch.full_like(next_pos, self.pad_id)
+        at = self._join(seqs, cache, mask, next_pos, torch.full_like(next_pos, self.pad_id))
+        self._last[at] = self._sample(seqs, logits)  # counted as running before their first token is reported
+
+    def _join(self, seqs: list[Sequence], cache: kv_cache.GrowingCache, mask: torch.Tensor, next_pos: torch.Tensor,
+              last: torch.Tensor) -> torch.Tensor:
+        """Add rows (with their keys/values, mask, next positions and last tokens) to the running batch, each beside
+        the running rows of its adapter (one copy of the cache, the merge's); returns their positions in it."""
         rows = [*self.running, *seqs]
         order = grouped_order([s.request.adapter_id for s in rows])
         if self._cache is None:
             self._cache, self._mask, self._next_pos, self._last = cache, mask, next_pos, last
             if order is not None:
-                index = torch.tensor(order, dtype=torch.long, device=self.device)
-                self._mask = kv_cache.select_rows(self._cache, self._mask, index)
+                self._mask = kv_cache.select_rows(self._cache, self._mask, torch.tensor(order, device=self.device))
         else:
             self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, mask, order)
             self._next_pos = torch.cat([self._next_pos, next_pos])
@@ -218,9 +223,8 @@ class ContinuousBatcher:
             self._next_pos, self._last = self._next_pos[index], self._last[index]
             for position, row in enumerate(order):
                 at[row] = position
-        self.running = [rows[i] for i in order] if order is not None else rows  # running before their first token
-        new_rows = torch.tensor(at[len(rows) - len(seqs):], dtype=torch.long, device=self.device)
-        self._last[new_rows] = self._sample(seqs, logits)
+        self.running = [rows[i] for i in order] if order is not None else rows
+        return torch.tensor(at[len(rows) - len(seqs):], dtype=torch.long, device=self.device)
 
     def _cached_past(self, prompts: list[_Prompt], width_cached: int, width: int) -> kv_cache.GrowingCache:
         """A cache holding each prompt's cached blocks right-aligned in the first `width_cached` columns (zeros
@@ -360,14 +364,7 @@ class ContinuousBatcher:
         parked.prune()
         if parked.rows:
             assert parked.cache is not None and parked.mask is not None
-            if self._cache is None:
-                self._cache, self._mask, self._next_pos, self._last = (parked.cache, parked.mask, parked.next_pos,
-                                                                      parked.last)
-            else:
-                self._cache, self._mask = kv_cache.merge(self._cache, self._mask, parked.cache, parked.mask)
-                self._next_pos = torch.cat([self._next_pos, parked.next_pos])
-                self._last = torch.cat([self._last, parked.last])
-            self.running.extend(parked.rows)
+            self._join(parked.rows, parked.cache, parked.mask, parked.next_pos, parked.last)
         self.waiting.extendleft(reversed(parked.waiting))
         return len(parked)
 

@@ -18,6 +18,11 @@ from .test_pinning import _run, _upload
 from .test_residency import _generate, _manager, _resident
 
 QUANTUM_S = 1000.0  # fake seconds: nothing is preempted unless a test moves the clock on
+
+
+def _preempting_manager(base, tokenizer, store_root):
+    """Two slots, preemption on with a quantum of QUANTUM_S fake seconds."""
+    return _manager(base, tokenizer, store_root, max_resident=2, preempt_adapters=True, preemption_quantum_s=QUANTUM_S)
 A, B, C = ("The quick brown fox", 20), ("Serving many adapters at once", 40), ("Once upon", 12)
 
 
@@ -75,7 +80,7 @@ def test_a_load_preempts_an_adapter_in_use(demo_base, demo_tokenizer, demo_adapt
                                            clock) -> None:
     """c's request gets its first token while a's and b's requests still run (before, c waited for one of them to
     end): a, not the pinned b, was swapped out; once c's request ends a comes back and every output is PEFT's."""
-    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=2, preemption_quantum_s=QUANTUM_S)
+    manager = _preempting_manager(demo_base, demo_tokenizer, tmp_path / "store")
 
     async def scenario() -> None:
         a, b, (c_events, c_tokens) = await _c_preempts_a(manager, demo_adapters, clock)
@@ -97,7 +102,7 @@ def test_delete_waits_for_parked_requests(demo_base, demo_tokenizer, demo_adapte
                                           clock) -> None:
     """Deleting a preempted adapter hides it at once and waits for its parked request, as for any request in
     flight: the adapter comes back for it, it ends with PEFT's tokens, then the delete goes through."""
-    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=2, preemption_quantum_s=QUANTUM_S)
+    manager = _preempting_manager(demo_base, demo_tokenizer, tmp_path / "store")
 
     async def scenario() -> None:
         a, b, (c_events, c_tokens) = await _c_preempts_a(manager, demo_adapters, clock)
@@ -118,7 +123,7 @@ def test_cancelled_parked_request_is_dropped(demo_base, demo_tokenizer, demo_ada
                                              clock) -> None:
     """A parked request whose caller goes away gives its lease back at once and leaves the engine at the next
     step; the adapter serves later requests as before."""
-    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=2, preemption_quantum_s=QUANTUM_S)
+    manager = _preempting_manager(demo_base, demo_tokenizer, tmp_path / "store")
 
     async def scenario() -> None:
         a, b, (c_events, c_tokens) = await _c_preempts_a(manager, demo_adapters, clock)
@@ -136,7 +141,7 @@ def test_cancelled_parked_request_is_dropped(demo_base, demo_tokenizer, demo_ada
 
 def test_parked_requests_get_the_error_when_their_adapter_cannot_come_back(demo_base, demo_tokenizer, demo_adapters,
                                                                             tmp_path, clock) -> None:
-    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=2, preemption_quantum_s=QUANTUM_S)
+    manager = _preempting_manager(demo_base, demo_tokenizer, tmp_path / "store")
     runtime = manager.engine.runtime
     prepare = runtime.prepare
 
@@ -159,7 +164,8 @@ def test_parked_requests_get_the_error_when_their_adapter_cannot_come_back(demo_
 
 def test_more_adapters_in_flight_than_slots(demo_base, demo_tokenizer, demo_adapters, peft_greedy, tmp_path) -> None:
     """3 adapters, 2 slots, no quantum: requests swap each other out as they come; every output is PEFT's."""
-    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=2, preemption_quantum_s=0)
+    manager = _manager(demo_base, demo_tokenizer, tmp_path / "store", max_resident=2, preempt_adapters=True,
+                       preemption_quantum_s=0)
     jobs = [(adapter, prompt) for prompt in ("one", "two more", "x") for adapter in "abc"]
 
     async def scenario() -> list[list[int]]:
