@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from service.store_lock import LOCK_FILE
+
 READY = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
 
 
@@ -126,7 +128,8 @@ def _clean_up(server: ServerProcess, timeout: float = 30) -> bool:
     except (httpx.HTTPError, ValueError, KeyError):
         return False
     store = server.store
-    leftovers = [p for p in store.iterdir() if p.name not in (".staging", ".trash", "active.json")]
+    # The lock file is the running server's own (held until it exits), not something a test left.
+    leftovers = [p for p in store.iterdir() if p.name not in (".staging", ".trash", "active.json", LOCK_FILE)]
     leftovers += [*(store / ".staging").iterdir(), *(store / ".trash").iterdir()]
     return (health["adapters"] == 0 and health["adapter_bytes"] == 0 and health["active_adapter"] is None
             and listing == {"adapters": [], "active": None} and not leftovers)
