@@ -51,10 +51,12 @@ class ServerProcess:
                 self.lines.append(line)
                 self._new_line.notify_all()
 
-    def wait_for_line(self, predicate, timeout: float = 30) -> str:
-        """Block until the server prints a line matching `predicate` (woken by each new line)."""
+    def wait_for_line(self, predicate, timeout: float = 30, since: int = 0) -> str:
+        """Block until the server prints a line matching `predicate` (woken by each new line), among the lines
+        from index `since` on (`len(server.lines)` taken before a request: a shared server's log also holds the
+        lines of earlier tests)."""
         with self._new_line:
-            seen = 0
+            seen = since
             while True:
                 for line in self.lines[seen:]:
                     if predicate(line):
