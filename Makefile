@@ -25,8 +25,12 @@ serve: $(STAMP)
 serve-ray: $(STAMP)
 	$(PY) -m service serve-ray
 
+# Two pytest-xdist workers, each taking whole modules (--dist loadfile; tests/conftest.py keeps the Ray suite
+# on one worker): most of the suite waits on server processes starting, so two workers fit 2 cores.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Only the Ray Serve suite (a local Ray cluster with 2 replicas; about 1-2 minutes, also part of `make test`).
 test-distributed: $(STAMP)

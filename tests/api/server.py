@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from service.store_lock import LOCK_FILE
+
 READY = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
 
 
@@ -49,10 +51,12 @@ class ServerProcess:
                 self.lines.append(line)
                 self._new_line.notify_all()
 
-    def wait_for_line(self, predicate, timeout: float = 30) -> str:
-        """Block until the server prints a line matching `predicate` (woken by each new line)."""
+    def wait_for_line(self, predicate, timeout: float = 30, since: int = 0) -> str:
+        """Block until the server prints a line matching `predicate` (woken by each new line), among the lines
+        from index `since` on (`len(server.lines)` taken before a request: a shared server's log also holds the
+        lines of earlier tests)."""
         with self._new_line:
-            seen = 0
+            seen = since
             while True:
                 for line in self.lines[seen:]:
                     if predicate(line):
@@ -126,7 +130,8 @@ def _clean_up(server: ServerProcess, timeout: float = 30) -> bool:
     except (httpx.HTTPError, ValueError, KeyError):
         return False
     store = server.store
-    leftovers = [p for p in store.iterdir() if p.name not in (".staging", ".trash", "active.json")]
+    # The lock file is the running server's own (held until it exits), not something a test left.
+    leftovers = [p for p in store.iterdir() if p.name not in (".staging", ".trash", "active.json", LOCK_FILE)]
     leftovers += [*(store / ".staging").iterdir(), *(store / ".trash").iterdir()]
     return (health["adapters"] == 0 and health["adapter_bytes"] == 0 and health["active_adapter"] is None
             and listing == {"adapters": [], "active": None} and not leftovers)

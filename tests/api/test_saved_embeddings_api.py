@@ -140,11 +140,13 @@ def test_upload_warns_about_another_base_model(server, adapters, tmp_path) -> No
 
 
 def test_access_log_names_the_adapter_asked_for(server) -> None:
+    seen = len(server.lines)  # the shared server's log holds earlier tests' 404s too
     r = server.client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "adapter_id": "no-such-adapter"})
     assert r.status_code == 404
-    line = server.wait_for_line(lambda text: "POST /generate -> 404" in text)
+    line = server.wait_for_line(lambda text: "POST /generate -> 404" in text, since=seen)
     assert "adapter=no-such-adapter" in line
+    seen = len(server.lines)
     r = server.client.post("/v1/completions", json={"model": "also-missing", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 404
-    line = server.wait_for_line(lambda text: "POST /v1/completions -> 404" in text)
+    line = server.wait_for_line(lambda text: "POST /v1/completions -> 404" in text, since=seen)
     assert "adapter=also-missing" in line
