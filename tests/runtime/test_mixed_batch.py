@@ -19,16 +19,19 @@ ADAPTERS = {
 }
 
 
-def _runtime_with_adapters(tmp_path, arch: str = "llama"):
-    base = tiny_model(arch)
-    dirs = {
-        name: make_peft_adapter(base, tmp_path / name, seed=i + 1, **kw)
-        for i, (name, kw) in enumerate(ADAPTERS.items())
-    }
+def _loaded(base, tmp_path, configs: dict[str, dict], seed: int):
+    """PEFT adapters made from `configs` (adapter i seeded seed + i), loaded into a runtime on a copy of `base`."""
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=seed + i, **kw) for i, (n, kw) in enumerate(configs.items())}
     model = copy.deepcopy(base)
     runtime = AdapterRuntime(model)
     for name, path in dirs.items():
         runtime.load(name, path)
+    return dirs, model, runtime
+
+
+def _runtime_with_adapters(tmp_path, arch: str = "llama"):
+    base = tiny_model(arch)
+    dirs, model, runtime = _loaded(base, tmp_path, ADAPTERS, seed=1)
     return base, model, runtime, dirs
 
 
@@ -109,11 +112,7 @@ def test_stacked_path_with_different_ranks_and_bias(tmp_path) -> None:
         "r8": dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True),
         "bias": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"], lora_bias=True),
     }
-    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 7, **kw) for i, (n, kw) in enumerate(configs.items())}
-    model = copy.deepcopy(base)
-    runtime = AdapterRuntime(model)
-    for name, path in dirs.items():
-        runtime.load(name, path)
+    dirs, model, runtime = _loaded(base, tmp_path, configs, seed=7)
     rows = ["r8", "bias", None, "r2", "r8", "bias"]
     for length in (5, 1):  # prefill-shaped (per-group path), then decode-shaped (one token per row: stacked)
         ids = input_ids(batch=len(rows), length=length)
@@ -138,11 +137,7 @@ def test_stack_survives_batch_changes_and_rows_stay_exact(tmp_path) -> None:
     base = tiny_model("llama")
     configs = {n: dict(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]) for n, r in
                (("a", 2), ("b", 4), ("c", 8))}
-    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 3, **kw) for i, (n, kw) in enumerate(configs.items())}
-    model = copy.deepcopy(base)
-    runtime = AdapterRuntime(model)
-    for name, path in dirs.items():
-        runtime.load(name, path)
+    dirs, model, runtime = _loaded(base, tmp_path, configs, seed=3)
     wrapper = runtime._wrappers["model.layers.0.self_attn.q_proj"]
     stacks = []
     for rows in (["a", "b", "c", None], ["c", "a", "b"], ["b", None, "c", "c"], ["a", "b", "c"]):
@@ -198,11 +193,7 @@ def test_stacked_decode_by_segments_equals_peft(tmp_path, monkeypatch, launch: f
         "r4": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"]),
         "r8b": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     }
-    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 11, **kw) for i, (n, kw) in enumerate(configs.items())}
-    model = copy.deepcopy(base)
-    runtime = AdapterRuntime(model)
-    for name, path in dirs.items():
-        runtime.load(name, path)
+    dirs, model, runtime = _loaded(base, tmp_path, configs, seed=11)
     rows = ["r8", "r2", None, "r4", "r8", "r8b", "r2", "r8"]
     ids = input_ids(batch=len(rows), length=1, seed=9)
     with torch.no_grad(), runtime.route(rows):
@@ -222,12 +213,8 @@ def test_segmented_decode_on_a_bfloat16_base(tmp_path, monkeypatch) -> None:
     from service.runtime.adapter_types.lora import stacked
 
     base = tiny_model("llama").to(torch.bfloat16)
-    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 21, r=r, lora_alpha=2 * r,
-                                 target_modules=["q_proj", "v_proj"]) for i, (n, r) in enumerate((("a", 2), ("b", 8)))}
-    model = copy.deepcopy(base)
-    runtime = AdapterRuntime(model)
-    for name, path in dirs.items():
-        runtime.load(name, path)
+    configs = {n: dict(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]) for n, r in (("a", 2), ("b", 8))}
+    dirs, model, runtime = _loaded(base, tmp_path, configs, seed=21)
     rows = ["a", "b", None, "b"]
     ids = input_ids(batch=len(rows), length=1, seed=4)
     out = {}
@@ -256,11 +243,7 @@ def test_contiguous_rows_run_per_adapter_and_equal_peft(tmp_path, monkeypatch, l
         "r8": dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
         "r4": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"]),
     }
-    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=i + 31, **kw) for i, (n, kw) in enumerate(configs.items())}
-    model = copy.deepcopy(base)
-    runtime = AdapterRuntime(model)
-    for name, path in dirs.items():
-        runtime.load(name, path)
+    dirs, model, runtime = _loaded(base, tmp_path, configs, seed=31)
     rows = ["r8", "r8", "r2", None, "r4", "r4", "r2"]  # r2 is split by base and r4 rows: no run on q_proj
     grouped = ["r8", "r8", "r2", "r2", None, "r4", "r4"]
     for order, runs_on_q in ((rows, False), (grouped, True)):
