@@ -37,3 +37,18 @@ def test_only_the_overflowing_request_fails(make_engine, demo_tokenizer, demo_ad
     assert error.code == "non_finite_logits" and "'huge'" in error.message and error.details["adapter_id"] == "huge"
     assert tokens == peft_greedy("b", prompt, 12), "the other row goes on, PEFT-exact"
     assert after == peft_greedy("a", prompt, 5), "the engine keeps serving"
+
+
+def test_finite_rows_flags_nan_and_infinities_only() -> None:
+    """The cheap check (each row's sum) never passes a NaN or an infinity, and finite logits whose sum overflows
+    (row 1) are not failed."""
+    import torch
+
+    from service.engine.scheduler import finite_rows
+
+    big = torch.finfo(torch.float32).max
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, 2.0, 3.0], [big, big, 1.0], [1.0, nan, 2.0], [inf, -inf, 0.0], [-inf, 1.0, 1.0]])
+    assert finite_rows(logits) == [True, True, False, False, False]
+    assert finite_rows(logits[[0, 1]]) == [True, True]
+    assert finite_rows(logits.to(torch.bfloat16)) == [True, False, False, False, False]  # big overflows bf16

@@ -166,7 +166,39 @@ def test_runs_or_whole_batch_by_cost(tmp_path) -> None:
     big = StackedLora.build(tuple(f"a{i}" for i in range(10)), [lora(64) for _ in range(10)])
     assert big.layout(tuple(f"a{i}" for i in range(10) for _ in range(2))).runs is not None
     small = StackedLora.build(("a", "b"), [lora(4), lora(4)])
-    assert small.layout(("a",) * 8 + ("b",) * 8).runs is None
+    assert small.layout(("a",) * 10 + ("b",) * 6).runs is None
+    assert small.layout(("a",) * 8 + ("b",) * 8).runs == ((0, 16, 0, 8, 2.0, 2),)  # one block: two launches
+
+
+def test_equal_rank_adapters_side_by_side_run_as_one_block(tmp_path, monkeypatch) -> None:
+    """Adapters of one rank, scaling and row count, next to each other in the batch and in the stack, are applied
+    by two batched matmuls per block; a different scaling, rank or row count starts a new block; every row still
+    equals its adapter alone (PEFT)."""
+    from service.runtime.adapter_types.lora import stacked
+
+    monkeypatch.setitem(stacked.LAUNCH_COST_MACS, "cpu", 0.0)
+    base = tiny_model("llama")
+    configs = {f"a{i}": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) for i in range(3)}
+    configs["odd"] = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    configs["big"] = dict(r=8, lora_alpha=8, target_modules=["q_proj"])
+    dirs, model, runtime = _loaded(base, tmp_path, configs, seed=41)
+    # Stack order (descending rank, then first seen): big, a0, a1, a2, odd; columns 0:8, 8:12, ..., 20:24.
+    layouts = {
+        ("a0", "a0", "a1", "a1", "a2", "a2", "odd", "odd", "big", None):
+            ((0, 6, 8, 20, 2.0, 3), (6, 8, 20, 24, 4.0, 1), (8, 9, 0, 8, 1.0, 1)),
+        ("a0", "a0", "a1", "a2", "a2", None): ((0, 2, 8, 12, 2.0, 1), (2, 3, 12, 16, 2.0, 1), (3, 5, 16, 20, 2.0, 1)),
+    }
+    for rows, blocks in layouts.items():
+        ids = input_ids(batch=len(rows), length=1, seed=6)
+        with torch.no_grad(), runtime.route(list(rows)):
+            mixed = model(input_ids=ids).logits
+        q = runtime._wrappers["model.layers.0.self_attn.q_proj"]
+        if len(rows) == 10:
+            assert q._plan.layout.runs == blocks
+        for adapter in set(rows):
+            idx = [i for i, r in enumerate(rows) if r == adapter]
+            expected = peft_logits(base, dirs[adapter], ids[idx]) if adapter else base(input_ids=ids[idx]).logits
+            torch.testing.assert_close(mixed[idx], expected, rtol=0, atol=1e-5)
 
 
 def test_partition_cuts_by_cost() -> None:

@@ -30,6 +30,11 @@ slices of rows too: `adapted_module.py`):
     for each adapter with rows (rows r0:r1, columns c0:c1):
         y[r0:r1] += scaling * ((x[r0:r1] @ A[c0:c1].T) @ Bt[c0:c1])
 
+and k adapters of one rank r, scaling and row count m that sit side by side both in the batch and in the stack
+(adapters trained with one recipe) take two batched matmuls for all of them, as views, no copy:
+
+    y[r0:r1].view(k, m, out) += scaling * bmm(bmm(x[r0:r1].view(k, m, in), A[c0:c1].view(k, r, in).T), Bt[...])
+
 Otherwise each extra segment costs a few kernel launches; `partition` picks the cut that minimises multiply-adds plus
 launches priced at `launch_cost(device)` multiply-adds (high on CUDA, where one stack of three kernels stays
 best). Results equal the per-group path up to floating-point accumulation order (scaling is applied before
@@ -63,8 +68,8 @@ def launch_cost(device: torch.device) -> float:
 
 @dataclass(eq=False)
 class StackLayout:
-    """How one batch layout runs on a stack: `runs` (row start, row end, column start, column end, scaling) per
-    adapter when its rows are contiguous; else `segments` None for the whole-batch path (three kernels), or
+    """How one batch layout runs on a stack: `runs` (row start, row end, column start, column end, scaling,
+    adapters) per block of adapters whose rows are contiguous (`_blocks`); else `segments` None for the whole-batch path (three kernels), or
     (row start, row end, column start, column end, mask) per segment over the rows sorted by `perm`."""
 
     mask: torch.Tensor  # whole batch: (B, R); segments: unused (empty)
@@ -72,7 +77,7 @@ class StackLayout:
     perm: torch.Tensor | None = None  # (n,) the batch rows that use the stack, grouped by segment
     unperm: torch.Tensor | None = None  # (B,) each batch row's position in perm (n: a zero row, no adapter here)
     segments: tuple[tuple[int, int, int, int, torch.Tensor], ...] | None = None
-    runs: tuple[tuple[int, int, int, int, float], ...] | None = None
+    runs: tuple[tuple[int, int, int, int, float, int], ...] | None = None
 
 
 @dataclass(eq=False)
@@ -137,12 +142,14 @@ class StackedLora:
             starts.append(starts[-1] + r)
         runs = _runs(slots, n) if self.bias is None else None
         width, launch = self.A.shape[1] + self.Bt.shape[1], launch_cost(device)
-        # Two launches per adapter and only its own multiply-adds, against the whole-batch stack's three launches
-        # and every row times every column (8 rank-16 adapters of 2 rows each: about even; many adapters: runs).
-        if runs is not None and (2 * launch * len(runs) + sum(counts[k] * self.ranks[k] for k in runs) * width
-                                 < 3 * launch + len(slots) * self.rank_total * width):
-            return StackLayout(self.A.new_empty(0), slot, runs=tuple(
-                (r0, r1, starts[k], starts[k + 1], self.scalings[k]) for k, (r0, r1) in runs.items()))
+        if runs is not None:
+            blocks = _blocks(runs, self.ranks, starts, self.scalings)
+            # Two launches per block and only its adapters' own multiply-adds, against the whole-batch stack's
+            # three launches and every row times every column (many adapters of large rank: runs; 8 rank-16
+            # adapters of 2 rows each: one block).
+            if (2 * launch * len(blocks) + sum(counts[k] * self.ranks[k] for k in runs) * width
+                    < 3 * launch + len(slots) * self.rank_total * width):
+                return StackLayout(self.A.new_empty(0), slot, runs=blocks)
         segments = None if self.bias is not None else partition(counts, self.ranks, width, len(slots), launch)
         if segments is None:
             mask = (slot[:, None] == self.col_owner[None, :]).to(self.A.dtype) * self.col_scale  # (B, R)
@@ -174,8 +181,14 @@ class StackedLora:
         acc = y.view(y.shape[0], y.shape[-1]) if in_place else y.reshape(y.shape[0], y.shape[-1]).to(
             self.A.dtype, copy=True)
         if layout.runs is not None:
-            for r0, r1, c0, c1, scaling in layout.runs:  # (rows, in) @ (in, cols) @ (cols, out), into y's rows
-                acc[r0:r1].addmm_(F.linear(xa[r0:r1], self.A[c0:c1]), self.Bt[c0:c1], alpha=scaling)
+            for r0, r1, c0, c1, scaling, k in layout.runs:
+                if k == 1:  # (rows, in) @ (in, cols) @ (cols, out), into y's rows
+                    acc[r0:r1].addmm_(F.linear(xa[r0:r1], self.A[c0:c1]), self.Bt[c0:c1], alpha=scaling)
+                    continue
+                # k adapters of m rows and rank r each, side by side in rows and columns: one batched matmul each
+                m, r = (r1 - r0) // k, (c1 - c0) // k
+                h = torch.bmm(xa[r0:r1].reshape(k, m, -1), self.A[c0:c1].view(k, r, -1).transpose(1, 2))  # (k, m, r)
+                acc[r0:r1].view(k, m, -1).baddbmm_(h, self.Bt[c0:c1].view(k, r, -1), alpha=scaling)  # (k, m, out)
         elif layout.segments is None:
             h = F.linear(xa, self.A).mul_(layout.mask)  # (B, R)
             if self.bias is None:
@@ -207,6 +220,25 @@ def _runs(slots: list[int], n: int) -> dict[int, tuple[int, int]] | None:
             return None
         runs[k] = (r0, row + 1)
     return runs
+
+
+def _blocks(runs: dict[int, tuple[int, int]], ranks: tuple[int, ...], starts: list[int],
+            scalings: tuple[float, ...]) -> tuple[tuple[int, int, int, int, float, int], ...]:
+    """The runs (stack adapter k -> its rows [r0, r1), in batch order) as blocks (row start, row end, column
+    start, column end, scaling, adapters): adapters next to each other both in the batch and in the stack, of
+    one rank, row count and scaling, join one block that two batched matmuls apply (equal-rank adapters are
+    adjacent in the stack, in the order the batch had when it was built)."""
+    blocks: list[list] = []
+    previous = -1
+    for k, (r0, r1) in runs.items():
+        last = blocks[-1] if blocks else None
+        if (last is not None and k == previous + 1 and r0 == last[1] and ranks[k] == ranks[previous]
+                and r1 - r0 == (last[1] - last[0]) // last[5] and scalings[k] == last[4]):
+            last[1], last[3], last[5] = r1, starts[k + 1], last[5] + 1
+        else:
+            blocks.append([r0, r1, starts[k], starts[k + 1], scalings[k], 1])
+        previous = k
+    return tuple(tuple(b) for b in blocks)
 
 
 def partition(counts: list[int], ranks: tuple[int, ...], width: int, batch: int,

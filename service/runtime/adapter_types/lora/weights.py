@@ -90,7 +90,7 @@ def init_dora(w: LoraWeights, base: nn.Module) -> None:
 
 def apply_linear(w: LoraWeights, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y = base(x) for these rows; returns y plus the adapter's contribution, in y's dtype."""
-    xa = x.to(w.A.dtype)
+    xa = x if x.dtype == w.A.dtype else x.to(w.A.dtype)
     if w.dora_scale is None:
         delta = F.linear(F.linear(xa, w.A), w.B, w.bias).mul_(w.scaling)
         # y is this forward's own base output: adding in place is the same sum without another buffer.
