@@ -69,8 +69,9 @@ def launch_cost(device: torch.device) -> float:
 @dataclass(eq=False)
 class StackLayout:
     """How one batch layout runs on a stack: `runs` (row start, row end, column start, column end, scaling,
-    adapters) per block of adapters whose rows are contiguous (`_blocks`); else `segments` None for the whole-batch path (three kernels), or
-    (row start, row end, column start, column end, mask) per segment over the rows sorted by `perm`."""
+    adapters) per block of adapters whose rows are contiguous (`_blocks`); else `segments` None for the
+    whole-batch path (three kernels), or (row start, row end, column start, column end, mask) per segment over
+    the rows sorted by `perm`."""
 
     mask: torch.Tensor  # whole batch: (B, R); segments: unused (empty)
     slot: torch.Tensor  # (B,) each row's index in adapter_ids (n for rows of other adapters), for the bias
