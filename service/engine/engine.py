@@ -140,13 +140,13 @@ class Engine:
 
     @property
     def waiting_requests(self) -> int:
-        """Submitted requests not yet in the running batch."""
-        return self._queued + len(self.batcher.waiting)
+        """Submitted requests not in the running batch: queued, waiting for a row, or parked (`swap_out`)."""
+        return self._queued + len(self.batcher.waiting) + self.batcher.parked_requests
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises QueueFullError beyond `max_waiting` (backpressure)."""
         with self._lock:
-            waiting = self._queued + len(self.batcher.waiting)
+            waiting = self._queued + len(self.batcher.waiting) + self.batcher.parked_requests
             if waiting >= self.max_waiting:
                 raise QueueFullError(waiting)
             self._queued += 1

@@ -335,6 +335,12 @@ class ContinuousBatcher:
 
     # ---- parking (between steps, on the engine thread) ------------------------------------------------------
 
+    @property
+    def parked_requests(self) -> int:
+        """Requests held while their adapter is swapped out; read from any thread (the values are copied first,
+        in one step under the GIL, as the engine thread may add or pop an adapter meanwhile)."""
+        return sum(len(p) for p in list(self.parked.values()))
+
     def park(self, adapter_id: str) -> int:
         """Take the adapter's requests out of the batch, each row keeping its state, until `unpark`; its weights
         may be detached meanwhile. Requests for it that arrive while it is parked are held too. Returns how many

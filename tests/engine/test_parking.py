@@ -37,11 +37,14 @@ def test_swapped_out_rows_resume_exactly(make_engine, demo_tokenizer, demo_adapt
         freed = await engine.swap_out("a")
         assert freed > 0 and "a" not in engine.runtime.adapters
         assert len(engine.batcher.parked["a"].rows) == 2 and len(engine.batcher.running) == 3
+        # Read on the engine thread (between steps): queue depth and backpressure count parked requests.
+        assert await engine.call(lambda _: engine.waiting_requests) == 2
         emitted = [h._events.qsize() for h in handles[:2]]  # every event before the park has arrived
         late = engine.submit(_request(demo_tokenizer, "Late", "a", 12))  # held, not failed: a is parked
         for _ in range(3):  # the other rows decode meanwhile ...
             firsts[2].append((await anext(streams[2])).token_id)
         assert [h._events.qsize() for h in handles[:2]] == emitted, "... the parked ones do not"
+        assert await engine.call(lambda _: engine.waiting_requests) == 3, "the late request is parked too"
         await engine.call(lambda rt: rt.load("a", demo_adapters["a"]))  # back: its requests go on
         assert "a" not in engine.batcher.parked
         return await asyncio.gather(*(_tokens(s, f) for s, f in zip(streams, firsts, strict=True)),
