@@ -110,9 +110,10 @@ def merge(
     old_rows, rows = mask.shape[0], mask.shape[0] + new_mask.shape[0]
     old_at: slice | torch.Tensor = slice(0, old_rows)
     new_at: slice | torch.Tensor = slice(old_rows, rows)
-    if order is not None:
+    index = None if order is None else torch.tensor(order, dtype=torch.long, device=mask.device)
+    if index is not None:
         at = torch.empty(rows, dtype=torch.long, device=mask.device)  # each concatenated row's place in the result
-        at[torch.tensor(order, dtype=torch.long, device=mask.device)] = torch.arange(rows, device=mask.device)
+        at[index] = torch.arange(rows, device=mask.device)
         old_at, new_at = at[:old_rows], at[old_rows:]
     for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
         merged = []
@@ -124,8 +125,8 @@ def merge(
             merged.append(buf)
         _set(layer, merged[0], merged[1], length)
     merged_mask = torch.cat([_pad_left(mask, length, 1), _pad_left(new_mask, length, 1)])
-    if order is not None:
-        merged_mask = merged_mask[torch.tensor(order, dtype=torch.long, device=mask.device)]
+    if index is not None:
+        merged_mask = merged_mask[index]
     return cache, merged_mask
 
 

@@ -209,17 +209,17 @@ class ContinuousBatcher:
         the running rows of its adapter (one copy of the cache, the merge's); returns their positions in it."""
         rows = [*self.running, *seqs]
         order = grouped_order([s.request.adapter_id for s in rows])
+        index = None if order is None else torch.tensor(order, dtype=torch.long, device=self.device)
         if self._cache is None:
             self._cache, self._mask, self._next_pos, self._last = cache, mask, next_pos, last
-            if order is not None:
-                self._mask = kv_cache.select_rows(self._cache, self._mask, torch.tensor(order, device=self.device))
+            if index is not None:
+                self._mask = kv_cache.select_rows(self._cache, self._mask, index)
         else:
             self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, mask, order)
             self._next_pos = torch.cat([self._next_pos, next_pos])
             self._last = torch.cat([self._last, last])
         at = list(range(len(rows)))  # each row's position in the batch after the join
         if order is not None:
-            index = torch.tensor(order, dtype=torch.long, device=self.device)
             self._next_pos, self._last = self._next_pos[index], self._last[index]
             for position, row in enumerate(order):
                 at[row] = position
