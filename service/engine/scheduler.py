@@ -18,7 +18,8 @@ back (`unpark`) once they are attached again: see parking.py.
 from __future__ import annotations
 
 import weakref
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,14 +45,16 @@ def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def grouped_order(keys: list[str | None]) -> list[int] | None:
-    """The row order that makes each adapter's rows one contiguous run (groups in order of first appearance, rows
-    in their order within a group), or None when they already are: the stacked LoRA path then applies each
-    adapter to a slice of the batch, with no per-row gather (runtime/adapter_types/lora/stacked.py)."""
+def grouped_order(keys: list[str | None], group_key: Callable[[str | None], tuple] | None = None) -> list[int] | None:
+    """The row order that makes each adapter's rows one contiguous run (groups sorted by `group_key`, then in order
+    of first appearance; rows in their order within a group), or None when it is the order they have: the stacked
+    LoRA path then applies each adapter to a slice of the batch, with no per-row gather
+    (runtime/adapter_types/lora/stacked.py)."""
     first: dict[str | None, int] = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
-    order = sorted(range(len(keys)), key=lambda i: first[keys[i]])
+    rank = {key: (group_key(key) if group_key else (), i) for key, i in first.items()}
+    order = sorted(range(len(keys)), key=lambda i: rank[keys[i]])
     return None if order == list(range(len(keys))) else order
 
 
@@ -208,7 +211,8 @@ class ContinuousBatcher:
         """Add rows (with their keys/values, mask, next positions and last tokens) to the running batch, each beside
         the running rows of its adapter (one copy of the cache, the merge's); returns their positions in it."""
         rows = [*self.running, *seqs]
-        order = grouped_order([s.request.adapter_id for s in rows])
+        ids = [s.request.adapter_id for s in rows]
+        order = grouped_order(ids, self._group_key(ids))
         index = None if order is None else torch.tensor(order, dtype=torch.long, device=self.device)
         if self._cache is None:
             self._cache, self._mask, self._next_pos, self._last = cache, mask, next_pos, last
@@ -225,6 +229,20 @@ class ContinuousBatcher:
                 at[row] = position
         self.running = [rows[i] for i in order] if order is not None else rows
         return torch.tensor(at[len(rows) - len(seqs):], dtype=torch.long, device=self.device)
+
+    def _group_key(self, ids: list[str | None]) -> Callable[[str | None], tuple]:
+        """Where an adapter's rows go in the batch: by descending rank (the stack's own order), then target
+        modules, then row count, base rows last. Adapters of one rank on the same modules with as many rows then
+        sit side by side in the batch and in the stack, and the stacked LoRA path applies each such run of them
+        with two batched matmuls (`lora/stacked.py`, `_blocks`)."""
+        counts = Counter(ids)
+
+        def key(adapter_id: str | None) -> tuple:
+            loaded = self.runtime.adapters.get(adapter_id) if adapter_id is not None else None
+            if loaded is None:
+                return (1,)
+            return (0, -loaded.rank, tuple(sorted(loaded.modules)), -counts[adapter_id])
+        return key
 
     def _cached_past(self, prompts: list[_Prompt], width_cached: int, width: int) -> kv_cache.GrowingCache:
         """A cache holding each prompt's cached blocks right-aligned in the first `width_cached` columns (zeros

@@ -20,6 +20,9 @@ def test_grouped_order_is_stable_and_none_when_grouped() -> None:
     assert grouped_order(["a", "a", None, "b"]) is None
     assert grouped_order(["a", "b", "a", None, "b", None]) == [0, 2, 1, 4, 3, 5]
     assert grouped_order([]) is None
+    rank = {"a": 4, "b": 8, "c": 8}
+    by_rank = grouped_order(["a", "b", "a", None, "c"], lambda k: (k is None, -rank.get(k, 0)))
+    assert by_rank == [1, 4, 0, 2, 3], "higher ranks first, then first appearance; base rows last"
 
 
 def test_merge_with_an_order_equals_merge_then_select() -> None:
@@ -68,5 +71,8 @@ def test_rows_stay_grouped_by_adapter_through_joins_and_leaves(demo_base, demo_t
         batcher.step()
         adapters = [s.request.adapter_id for s in batcher.running]
         assert grouped_order(adapters) is None, adapters
+        # Groups by descending rank (the stack's order: equal-rank neighbours can form blocks), base rows last.
+        ranks = [runtime.adapters[a].rank if a else -1 for a in dict.fromkeys(adapters)]
+        assert ranks == sorted(ranks, reverse=True), adapters
     for prompt, adapter, n, seq in seqs:
         assert seq.tokens == peft_greedy(adapter, prompt, n), (prompt, adapter)
