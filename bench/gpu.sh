@@ -25,11 +25,11 @@ if [[ $DEVICE == cuda ]]; then
 fi
 
 if [[ -n "${QUICK:-}" ]]; then  # a dry run of the same code path: every scenario and curve, tiny sizes
-  RUN_ARGS=(--clients 2 --requests-per-client 1 --max-new-tokens 4)
+  RUN_ARGS=(--clients 2 --requests-per-client 1 --max-new-tokens 4 --rounds 1)
   CURVE_ARGS=(--distinct 1,8 --ranks 8,16 --limits 8,48 --rows 8 --max-new-tokens 4 --clients 2
               --requests-per-client 1)
 else
-  RUN_ARGS=(--clients 16 --requests-per-client 8 --max-new-tokens 32)
+  RUN_ARGS=(--clients 16 --requests-per-client 8 --max-new-tokens 32 --rounds 1)  # 8 requests each: one round fits 280 s
   CURVE_ARGS=(--repeats 3 --clients 16 --requests-per-client 8)
 fi
 

@@ -80,21 +80,25 @@ def _load(url: str, args: argparse.Namespace, adapter_of: Callable[[int], str], 
 
 
 def run_zipf(model_dir: Path, pool: list[tuple[str, Path]], args: argparse.Namespace,
-             limit: int | None, probe: bool | None = None) -> tuple[LoadResult, LoadResult]:
-    """(base, Zipf over `pool`) on one server holding at most `limit` adapters resident (None: all of them).
-    `probe`: split TTFT by residency (two extra GETs per request); default: when there is a limit."""
+             limit: int | None, probe: bool | None = None, rounds: int = 1) -> tuple[LoadResult, LoadResult]:
+    """(base, Zipf over `pool`) on one server holding at most `limit` adapters resident (None: all of them),
+    `rounds` times in turn, each side pooled over its rounds. `probe`: split TTFT by residency (two extra GETs per
+    request); default: when there is a limit."""
     extra = ["--max-resident-adapters", str(limit or len(pool))]
     with serving(model_dir, args, extra) as (url, client):
         for name, path in pool:
             upload(client, name, path)
         ids = [name for name, _ in pool]
         asyncio.run(run_load(url, lambda i: ids[i], 2, 1, 4, False, args.timeout_s))  # warm-up, 2 adapters
-        print(f"running: {beside(zipf_label(limit))}", flush=True)
-        base = _load(url, args, lambda _: BASE_ID)
-        print(f"running: {zipf_label(limit)}", flush=True)
         pick = zipf_picker(ids, ZIPF_S, seed=0)
-        zipf = _load(url, args, lambda _: pick(), probe_residency=limit is not None if probe is None else probe)
-    return base, zipf
+        bases, zipfs = [], []
+        for round_ in range(1, rounds + 1):  # interleaved: drifts of the machine's load cancel
+            print(f"running: {beside(zipf_label(limit))}, round {round_}", flush=True)
+            bases.append(_load(url, args, lambda _: BASE_ID))
+            print(f"running: {zipf_label(limit)}, round {round_}", flush=True)
+            zipfs.append(_load(url, args, lambda _: pick(),
+                               probe_residency=limit is not None if probe is None else probe))
+    return LoadResult.pooled(bases), LoadResult.pooled(zipfs)
 
 
 def system_prompt(adapter: str) -> str:

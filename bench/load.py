@@ -66,6 +66,11 @@ class LoadResult:
     def tokens_per_s(self) -> float:
         return sum(r.completion_tokens for r in self.records) / self.wall_s
 
+    @classmethod
+    def pooled(cls, rounds: list[LoadResult]) -> LoadResult:
+        """Several rounds of one scenario as one: every request, and the rounds' summed wall-clock time."""
+        return cls([r for result in rounds for r in result.records], sum(result.wall_s for result in rounds))
+
     def latency(self, q: float) -> float:
         return percentile([r.latency_s for r in self.records], q)
 

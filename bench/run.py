@@ -62,6 +62,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each comparison (single/mixed/base; base beside each Zipf load), in turn, pooled")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--skip-naive", action="store_true", help="leave out the naive PEFT server")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -77,6 +79,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if unknown := sorted(set(args.scenarios) - set(SCENARIOS)):
         parser.error(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.skip_naive and "naive" in args.scenarios:
         args.scenarios.remove("naive")
     return args
@@ -106,11 +110,17 @@ def _run_ours(model_dir: Path, adapters: list[Path], args: argparse.Namespace, r
         report.upload_s = [upload(client, adapter_id(i), path) for i, path in enumerate(adapters)]
         report.warmup_tokens["ours"] = [r.token_ids for r in _load(server.url, "mixed", args, WARMUP_CLIENTS, 1,
                                                                    stream).records]
-        for scenario in ("single", "mixed", "base"):
-            if scenario in args.scenarios:
-                print(f"running: {LABELS[scenario]}", flush=True)
-                report.scenarios[LABELS[scenario]] = _load(server.url, scenario, args, args.clients,
-                                                           args.requests_per_client, stream)
+        # In turn, `rounds` times, each scenario pooled over its rounds: one run of 32 requests takes seconds, and
+        # the shared machine's load drifts by 10% over that time, more than the differences measured.
+        rounds: dict[str, list[LoadResult]] = {}
+        for round_ in range(1, args.rounds + 1):
+            for scenario in ("single", "mixed", "base"):
+                if scenario in args.scenarios:
+                    print(f"running: {LABELS[scenario]}, round {round_}", flush=True)
+                    rounds.setdefault(scenario, []).append(_load(server.url, scenario, args, args.clients,
+                                                                 args.requests_per_client, stream))
+        for scenario, results in rounds.items():
+            report.scenarios[LABELS[scenario]] = LoadResult.pooled(results)
         if "fused" in args.scenarios:
             fused = client.put(f"/adapters/{adapter_id(0)}/activate", params={"fuse": "true"})
             fused.raise_for_status()
@@ -140,7 +150,7 @@ def _run_many_adapters(model_dir: Path, args: argparse.Namespace, report: BenchR
         for _, limit in wanted:
             label = http_scenarios.zipf_label(limit)
             report.scenarios[http_scenarios.beside(label)], report.scenarios[label] = http_scenarios.run_zipf(
-                model_dir, pool, args, limit)
+                model_dir, pool, args, limit, rounds=args.rounds)
     if "shared-prefix" in args.scenarios:
         adapters = ensure_adapters(args.cache_dir, model_dir, ADAPTER_COUNT)
         http_scenarios.run_shared_prefix(model_dir, [(adapter_id(i), p) for i, p in enumerate(adapters)], args,
@@ -171,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"{POOL_SIZE} LoRAs, ranks 8/16/32/64 x (q,v / q,k,v,o / all-linear)",
         "machine load (uptime, at start)": _load_average(),
         "load": f"{args.clients} clients x {args.requests_per_client} requests, closed loop, ~16-token prompts, "
-                f"max_new_tokens={args.max_new_tokens}, temperature=0",
+                f"max_new_tokens={args.max_new_tokens}, temperature=0; single / mixed / base, and each Zipf load "
+                f"with its base run, {args.rounds} rounds in turn, each row pooled over its rounds (fused, shared "
+                f"prefix and naive: one round)",
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
     })
     if {"single", "mixed", "base", "fused"} & set(args.scenarios):
