@@ -109,3 +109,21 @@ def test_stop_strings_and_streamed_text(make_engine, demo_tokenizer) -> None:
     full, stop, streamed, final = asyncio.run(scenario())
     assert final.finish_reason == "stop" and final.text == full.text[: full.text.find(stop)]
     assert streamed == final.text, "streamed deltas add up to the final text and never include the stop string"
+
+
+def test_prefill_computes_logits_of_the_last_prompt_position_only(make_engine, demo_tokenizer, peft_greedy) -> None:
+    """The LM head sees one position per row in a prefill, not every prompt token (a third of a prefill's time), and
+    the tokens stay PEFT's."""
+    engine = make_engine(max_batch_size=4)
+    seen: list[tuple[int, ...]] = []  # the LM head's input shape at each call: (rows, positions, hidden)
+    engine.batcher.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append(tuple(args[0].shape)))
+
+    async def scenario():
+        return await asyncio.gather(*[engine.generate(request(demo_tokenizer, p, a, max_new_tokens=3))
+                                      for p, a in [(PROMPTS[1], "a"), (PROMPTS[3], None)]])
+
+    results = asyncio.run(scenario())
+    assert results[0].token_ids == peft_greedy("a", PROMPTS[1], 3)
+    assert results[1].token_ids == peft_greedy(None, PROMPTS[3], 3)
+    assert seen and all(shape[1] == 1 for shape in seen), seen
