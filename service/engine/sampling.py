@@ -2,7 +2,7 @@
 
 `process` turns a row's raw scores into the scores it samples from (min_tokens, logit_bias, the
 penalties, in vLLM's order); `pick_token` applies temperature, top-k and top-p; `token_logprob` reports
-the raw log-probabilities a client asked for.
+the raw log-probabilities a client asked for; `greedy_tokens` is argmax, taken by blocks on CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +12,23 @@ from collections.abc import Callable
 import torch
 
 from .requests import SamplingParams, TokenLogprob
+
+# Greedy choice on CPU in blocks of this many scores: an index-tracking reduction (argmax) over a (16, 32000) batch
+# took 0.9 ms of a 35-50 ms step, a plain maximum (amax) 55 us.
+ARGMAX_BLOCK = 128
+
+
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` for (B, V) scores, the same indices (the first maximum of each row), faster on CPU: the
+    maximum of each block of `ARGMAX_BLOCK` scores, then argmax over the (B, V / block) block maxima (the first block
+    holding the row's maximum), then argmax within that block only."""
+    rows, vocab = scores.shape
+    if scores.device.type != "cpu" or vocab % ARGMAX_BLOCK or vocab < 4 * ARGMAX_BLOCK:
+        return scores.argmax(dim=-1)
+    blocks = scores.reshape(rows, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)  # (B, V / block, block), a view
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # (B,) each row's first block that holds its maximum
+    within = blocks[torch.arange(rows, device=scores.device), first].argmax(dim=-1)  # (B,) its first maximum there
+    return first * ARGMAX_BLOCK + within
 
 
 def row_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -31,7 +31,7 @@ from ..runtime import AdapterNotFoundError, AdapterRuntime
 from . import kv_cache
 from .parking import ParkedRows
 from .prefix_cache import PrefixBlock, PrefixCache
-from .sampling import TokenCounts, pick_token, process, row_generator, token_logprob
+from .sampling import TokenCounts, greedy_tokens, pick_token, process, row_generator, token_logprob
 from .sequence import Sequence
 
 
@@ -303,7 +303,7 @@ class ContinuousBatcher:
         finite (its adapter's weights overflow) fails alone; the other rows go on."""
         out = torch.full((len(seqs),), self.pad_id, dtype=torch.long, device=self.device)
         scores = self._processed(seqs, logits)
-        greedy = scores.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(scores).tolist()
         finite = finite_rows(logits)
         for i, s in enumerate(seqs):
             if s.finish_reason is not None or s.cancelled:
