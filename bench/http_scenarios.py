@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from .engine_bench import zipf_picker
-from .load import PROMPTS, LoadResult, run_load
+from .load import PROMPTS, LoadResult, in_rounds, run_load
 from .report import BenchReport
 from .servers import our_server, serve_supports
 
@@ -91,14 +91,12 @@ def run_zipf(model_dir: Path, pool: list[tuple[str, Path]], args: argparse.Names
         ids = [name for name, _ in pool]
         asyncio.run(run_load(url, lambda i: ids[i], 2, 1, 4, False, args.timeout_s))  # warm-up, 2 adapters
         pick = zipf_picker(ids, ZIPF_S, seed=0)
-        bases, zipfs = [], []
-        for round_ in range(1, rounds + 1):  # interleaved: drifts of the machine's load cancel
-            print(f"running: {beside(zipf_label(limit))}, round {round_}", flush=True)
-            bases.append(_load(url, args, lambda _: BASE_ID))
-            print(f"running: {zipf_label(limit)}, round {round_}", flush=True)
-            zipfs.append(_load(url, args, lambda _: pick(),
-                               probe_residency=limit is not None if probe is None else probe))
-    return LoadResult.pooled(bases), LoadResult.pooled(zipfs)
+        probe_residency = limit is not None if probe is None else probe
+        label = zipf_label(limit)
+        pooled = in_rounds({beside(label): lambda: _load(url, args, lambda _: BASE_ID),
+                            label: lambda: _load(url, args, lambda _: pick(), probe_residency=probe_residency)},
+                           rounds)
+    return pooled[beside(label)], pooled[label]
 
 
 def system_prompt(adapter: str) -> str:

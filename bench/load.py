@@ -79,6 +79,17 @@ class LoadResult:
         return percentile([r.ttft_s for r in self.records if cold is None or r.cold is cold], q)
 
 
+def in_rounds(loads: dict[str, Callable[[], LoadResult]], rounds: int) -> dict[str, LoadResult]:
+    """Run every load in turn, `rounds` times (drifts of a shared machine's load then cancel), each pooled over its
+    rounds; keyed like `loads`."""
+    results: dict[str, list[LoadResult]] = {label: [] for label in loads}
+    for round_ in range(1, rounds + 1):
+        for label, load in loads.items():
+            print(f"running: {label}, round {round_}", flush=True)
+            results[label].append(load())
+    return {label: LoadResult.pooled(done) for label, done in results.items()}
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between closest ranks."""
     if not values:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ import torch
 from . import http_scenarios
 from .engine_bench import ensure_pool
 from .http_scenarios import upload
-from .load import LoadResult, run_load
+from .load import LoadResult, in_rounds, run_load
 from .model import adapter_id, count_parameters, ensure_adapters, ensure_model
 from .report import BenchReport, render, write_section
 from .servers import naive_server, our_server
@@ -110,17 +111,12 @@ def _run_ours(model_dir: Path, adapters: list[Path], args: argparse.Namespace, r
         report.upload_s = [upload(client, adapter_id(i), path) for i, path in enumerate(adapters)]
         report.warmup_tokens["ours"] = [r.token_ids for r in _load(server.url, "mixed", args, WARMUP_CLIENTS, 1,
                                                                    stream).records]
-        # In turn, `rounds` times, each scenario pooled over its rounds: one run of 32 requests takes seconds, and
-        # the shared machine's load drifts by 10% over that time, more than the differences measured.
-        rounds: dict[str, list[LoadResult]] = {}
-        for round_ in range(1, args.rounds + 1):
-            for scenario in ("single", "mixed", "base"):
-                if scenario in args.scenarios:
-                    print(f"running: {LABELS[scenario]}, round {round_}", flush=True)
-                    rounds.setdefault(scenario, []).append(_load(server.url, scenario, args, args.clients,
-                                                                 args.requests_per_client, stream))
-        for scenario, results in rounds.items():
-            report.scenarios[LABELS[scenario]] = LoadResult.pooled(results)
+        # In rounds: one run of 32 requests takes seconds, and the shared machine's load drifts by 10% over that
+        # time, more than the differences measured.
+        loads = {LABELS[scenario]: partial(_load, server.url, scenario, args, args.clients, args.requests_per_client,
+                                           stream)
+                 for scenario in ("single", "mixed", "base") if scenario in args.scenarios}
+        report.scenarios.update(in_rounds(loads, args.rounds))
         if "fused" in args.scenarios:
             fused = client.put(f"/adapters/{adapter_id(0)}/activate", params={"fuse": "true"})
             fused.raise_for_status()
